@@ -1,0 +1,99 @@
+"""Command line: `failgate run | check | demo` (SPEC §9). `python -m proxy` is the same program."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError, load_file
+
+DEFAULT_CONFIG = "config/failgate.yaml"
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .checkcmd import describe
+
+    try:
+        loaded = load_file(args.file)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(describe(loaded))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app import refuse_unbuilt_checks
+    from .config.validate import resolve_workers
+    from .server import run
+
+    _setup_logging(args.verbose)
+    try:
+        loaded = load_file(args.config)
+        refuse_unbuilt_checks(loaded)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    workers = args.workers or resolve_workers(loaded.config.workers)
+    if workers > 1 and loaded.config.store.url.startswith("memory://"):
+        print(f"error: {loaded.source}: workers: memory:// keeps state inside one process and needs 1 worker "
+              f"(--workers {workers} given)", file=sys.stderr)
+        return 1
+    try:
+        run(loaded, workers)
+    except OSError as exc:
+        print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _setup_logging(args.verbose)
+    return run_demo()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="failgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="serve the proxy")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    p.add_argument("--workers", type=int, default=None, help="override `workers` from the config")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate a config and print what it does")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("demo", help="run an echo upstream and the proxy with config/demo.yaml on memory://")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:  # internal: a worker started by the supervising parent
+        from .server import run_worker
+
+        _setup_logging()
+        run_worker()
+        return 0
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

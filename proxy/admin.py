@@ -1,0 +1,108 @@
+"""The admin listener (SPEC §9): health, readiness, the running config (redacted) and metrics.
+
+It is served by whichever process owns the workers' view: the parent in multi-worker mode, the only process
+otherwise. `Status` is the narrow interface it needs from that owner.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from typing import Any, Protocol
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .config import LoadedConfig, format_duration
+from .config.schema import ByteSize, Duration
+from .observe.metrics import exposition
+
+
+class Status(Protocol):
+    def ready(self) -> tuple[bool, dict[str, Any]]: ...
+    def current(self) -> LoadedConfig: ...
+    def last_error(self) -> str | None: ...
+
+
+_json = msgspec.json.Encoder().encode
+_PASSWORD_IN_URL = re.compile(r"(//[^:/@]*:)[^@/]*@")
+
+
+def redacted(loaded: LoadedConfig) -> dict[str, Any]:
+    """The config as plain data with every secret replaced by "***"."""
+    doc: dict[str, Any] = msgspec.to_builtins(loaded.config, enc_hook=_enc)
+    if doc["admin"].get("token"):
+        doc["admin"]["token"] = "***"
+    doc["store"]["url"] = _PASSWORD_IN_URL.sub(r"\1***@", doc["store"]["url"])
+    for up in doc["upstreams"].values():
+        up["url"] = _PASSWORD_IN_URL.sub(r"\1***@", up["url"])
+    for path in loaded.from_env:  # anything that came from ${VAR} is treated as a secret
+        _set_path(doc, path, "***")
+    return doc
+
+
+def _enc(value: Any) -> Any:
+    if isinstance(value, Duration):
+        return format_duration(value)
+    if isinstance(value, ByteSize):
+        return int(value)
+    raise NotImplementedError(type(value))
+
+
+def _set_path(doc: Any, path: str, value: str) -> None:
+    parts = re.findall(r"[^.\[\]]+|\[\d+\]", path)
+    node = doc
+    for i, part in enumerate(parts):
+        key: Any = int(part[1:-1]) if part.startswith("[") else part
+        last = i == len(parts) - 1
+        try:
+            if last:
+                if isinstance(node, list) or (isinstance(node, dict) and key in node):
+                    node[key] = value
+            else:
+                node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return
+
+
+def build_admin(status: Status, token: str | None) -> web.Application:
+    @web.middleware
+    async def require_token(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "POST" and token is not None:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return web.json_response({"error": "unauthorized", "detail": "admin token required"},
+                                         status=401, headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok, detail = status.ready()
+        return web.Response(body=_json({"ready": ok, **detail}), status=200 if ok else 503,
+                            content_type="application/json")
+
+    async def config(_: web.Request) -> web.Response:
+        loaded = status.current()
+        body = {
+            "sha256": loaded.sha256,
+            "loaded_at": loaded.loaded_at,
+            "source": loaded.source,
+            "last_reload_error": status.last_error(),
+            "config": redacted(loaded),
+        }
+        return web.Response(body=_json(body), content_type="application/json")
+
+    async def metrics(_: web.Request) -> web.Response:
+        resp = web.Response(body=exposition())
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    app = web.Application(middlewares=[require_token])
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/config", config)
+    app.router.add_get("/metrics", metrics)
+    return app

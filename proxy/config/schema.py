@@ -1,0 +1,212 @@
+"""The config file's shape, as msgspec Structs (SPEC §6).
+
+Decoding rejects unknown keys and wrong types with the path of the offending value; everything about *meaning*
+(cross references, ranges that depend on other keys) is checked afterwards in `validate.py`. Durations and sizes
+are written with units in YAML and decoded here into seconds and bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+
+class Duration(float):
+    """Seconds, written in YAML as `250ms`, `2s`, `1m`, `1h` or `1d`."""
+
+
+class ByteSize(int):
+    """Bytes, written as a number or with a unit: `512KiB`, `10MiB`, `1GiB`, `10MB`."""
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "kB": 1000, "KB": 1000,
+               "MB": 1000**2, "GB": 1000**3}
+
+
+def parse_duration(value: object) -> Duration:
+    if isinstance(value, str):
+        m = _DURATION.match(value.strip())
+        if m:
+            return Duration(float(m.group(1)) * _DURATION_UNITS[m.group(2)])
+    raise ValueError(f"expected a duration such as 250ms, 2s, 1m, 1h or 1d, got {value!r}")
+
+
+def parse_size(value: object) -> ByteSize:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return ByteSize(value)
+    if isinstance(value, str):
+        m = _SIZE.match(value.strip())
+        if m:
+            return ByteSize(int(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    raise ValueError(f"expected a size such as 1048576, 512KiB or 10MiB, got {value!r}")
+
+
+def dec_hook(type_: type, value: Any) -> Any:
+    if type_ is Duration:
+        return parse_duration(value)
+    if type_ is ByteSize:
+        return parse_size(value)
+    raise NotImplementedError(type_)
+
+
+def format_duration(seconds: float) -> str:
+    for unit in ("d", "h", "m", "s"):
+        n = seconds / _DURATION_UNITS[unit]
+        if n >= 1 and n == int(n):
+            return f"{int(n)}{unit}"
+    return f"{round(seconds * 1000, 3):g}ms"
+
+
+Port = Annotated[int, Meta(ge=1, le=65535)]
+Positive = Annotated[int, Meta(ge=1)]
+Status = Annotated[int, Meta(ge=400, le=599)]
+FailMode = Literal["open", "closed", "stale"]
+
+
+class _Strict(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class TLS(_Strict, kw_only=True, frozen=True):
+    cert: str
+    key: str
+
+
+class Listen(_Strict, kw_only=True, frozen=True):
+    host: str = "0.0.0.0"
+    port: Port = 8080
+    tls: TLS | None = None
+
+
+class Admin(_Strict, kw_only=True, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 9901
+    token: str | None = None
+    chaos: bool = False
+
+
+class Breaker(_Strict, kw_only=True, frozen=True):
+    failures: Positive = 5
+    open_for: Duration = Duration(2.0)
+
+
+class Store(_Strict, kw_only=True, frozen=True):
+    url: str = "memory://"
+    timeout: Duration = Duration(0.05)
+    connect_timeout: Duration = Duration(0.2)
+    pool_size: Positive = 16
+    breaker: Breaker = msgspec.field(default_factory=Breaker)
+    key_prefix: str = "failgate:"
+
+
+class Headers(_Strict, kw_only=True, frozen=True):
+    degraded: str = "Failgate-Degraded"
+    request_id: str = "X-Request-Id"
+
+
+class Limits(_Strict, kw_only=True, frozen=True):
+    max_body: ByteSize = ByteSize(10 << 20)
+    header_timeout: Duration = Duration(10.0)
+    max_connections: Positive = 10000
+
+
+class Upstream(_Strict, kw_only=True, frozen=True):
+    url: str
+    connect_timeout: Duration = Duration(1.0)
+    timeout: Duration = Duration(30.0)
+    idle_timeout: Duration = Duration(60.0)
+    preserve_host: bool = False
+    tls_verify: bool = True
+
+
+class Match(_Strict, kw_only=True, frozen=True):
+    path: str
+    prefix: bool = False
+    methods: list[str] | None = None
+    host: str | None = None
+
+
+class AuthDefaults(_Strict, kw_only=True, frozen=True):
+    """`defaults.auth`: every auth key but `type`."""
+
+    header: str | None = None
+    scheme: str | None = None
+    scopes: list[str] | None = None
+    cache_for: Duration | None = None
+    forward_credentials: bool | None = None
+    on_store_error: FailMode | None = None
+    status_on_error: Status | None = None
+    stale_for: Duration | None = None
+    stale_fallback: Literal["open", "closed"] | None = None
+
+
+class Auth(_Strict, kw_only=True, frozen=True):
+    type: Literal["api_key"]
+    header: str = "Authorization"
+    scheme: str | None = None
+    scopes: list[str] = msgspec.field(default_factory=list)
+    cache_for: Duration = Duration(0.0)
+    forward_credentials: bool = True
+    on_store_error: FailMode | None = None
+    status_on_error: Status = 503
+    stale_for: Duration = Duration(300.0)
+    stale_fallback: Literal["open", "closed"] | None = None
+
+
+class RateLimitDefaults(_Strict, kw_only=True, frozen=True):
+    """`defaults.rate_limit`: every rate-limit key but `limit` and `per` (and `type`, which it has none of)."""
+
+    algorithm: Literal["fixed_window", "sliding_window", "gcra"] | None = None
+    burst: Positive | None = None
+    key: str | None = None
+    on_store_error: FailMode | None = None
+    status_on_error: Status | None = None
+    local_share: Annotated[float, Meta(gt=0, le=1)] | None = None
+
+
+class RateLimit(_Strict, kw_only=True, frozen=True):
+    limit: Positive
+    per: Duration
+    algorithm: Literal["fixed_window", "sliding_window", "gcra"] = "sliding_window"
+    burst: Positive | None = None
+    key: str = "client_ip"
+    on_store_error: FailMode | None = None
+    status_on_error: Status = 503
+    local_share: Annotated[float, Meta(gt=0, le=1)] | None = None
+
+
+class Defaults(_Strict, kw_only=True, frozen=True):
+    auth: AuthDefaults | None = None
+    rate_limit: RateLimitDefaults | None = None
+
+
+class Route(_Strict, kw_only=True, frozen=True):
+    name: str
+    match: Match
+    upstream: str
+    strip_prefix: bool = False
+    auth: Auth | None = None
+    rate_limit: RateLimit | None = None
+
+
+class Config(_Strict, kw_only=True, frozen=True):
+    version: Literal[1]
+    listen: Listen = msgspec.field(default_factory=Listen)
+    admin: Admin = msgspec.field(default_factory=Admin)
+    workers: Positive | Literal["auto"] = 1
+    shutdown_grace: Duration = Duration(15.0)
+    watch: bool = False
+    store: Store = msgspec.field(default_factory=Store)
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    headers: Headers = msgspec.field(default_factory=Headers)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    access_log: bool = False
+    defaults: Defaults = msgspec.field(default_factory=Defaults)
+    upstreams: dict[str, Upstream]
+    routes: list[Route]

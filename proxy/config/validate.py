@@ -1,0 +1,189 @@
+"""Config loading, pass two: what the keys *mean* together. Runs on decoded Structs; raises ConfigError."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from typing import TYPE_CHECKING
+
+from yarl import URL
+
+from ..routing import BadTarget, normalize_path
+from .errors import ConfigError
+from .schema import format_duration
+
+if TYPE_CHECKING:
+    from .load import LoadedConfig
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token: header names, methods, schemes
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+_FAIL_MODES = (
+    "choose open (let requests through when the store cannot answer), closed (refuse them with "
+    "status_on_error) or stale (reuse the last known good answer)"
+)
+
+
+def resolve_workers(workers: int | str) -> int:
+    return (os.cpu_count() or 1) if workers == "auto" else int(workers)
+
+
+def is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def validate(loaded: LoadedConfig) -> None:
+    cfg, src = loaded.config, loaded.source
+
+    def fail(path: str, message: str) -> ConfigError:
+        return ConfigError(src, path, message)
+
+    # --- listeners -------------------------------------------------------------------------------------------
+    if cfg.listen.tls is not None:
+        for key in ("cert", "key"):
+            file = getattr(cfg.listen.tls, key)
+            if not os.path.isfile(file):
+                raise fail(f"listen.tls.{key}", f"no such file: {file}")
+    if not is_loopback(cfg.admin.host) and not cfg.admin.token:
+        raise fail("admin.token", f"required when admin.host ({cfg.admin.host}) is not a loopback address, "
+                   "so that POST endpoints cannot be called by anyone who reaches the port")
+    if cfg.admin.port == cfg.listen.port:
+        raise fail("admin.port", f"must differ from listen.port ({cfg.listen.port}); the admin listener is "
+                   "never served on the proxy port")
+
+    # --- store and workers -----------------------------------------------------------------------------------
+    store_url = cfg.store.url
+    scheme = store_url.split("://", 1)[0] if "://" in store_url else ""
+    if scheme not in ("memory", "redis", "rediss", "unix"):
+        raise fail("store.url", f"expected memory://, redis://host:port/db, rediss://… or unix:///path, "
+                   f"got {_redact_url(store_url)!r}")
+    workers = resolve_workers(cfg.workers)
+    if scheme == "memory" and workers > 1:
+        raise fail("workers", f"memory:// keeps state inside one process and needs workers: 1 (got "
+                   f"{cfg.workers}); use a redis:// store to run several workers")
+    for i, cidr in enumerate(cfg.trusted_proxies):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise fail(f"trusted_proxies[{i}]", f"expected an IP address or CIDR such as 10.0.0.0/8, "
+                       f"got {cidr!r}") from None
+    for key in ("degraded", "request_id"):
+        name = getattr(cfg.headers, key)
+        if not _TOKEN.match(name):
+            raise fail(f"headers.{key}", f"expected an HTTP header name, got {name!r}")
+
+    # --- upstreams -------------------------------------------------------------------------------------------
+    if not cfg.upstreams:
+        raise fail("upstreams", "expected at least one upstream")
+    for name, up in cfg.upstreams.items():
+        path = f"upstreams.{name}"
+        if not _NAME.match(name):
+            raise fail(path, "an upstream name is 1-64 letters, digits, '_', '.' or '-'")
+        try:
+            url = URL(up.url)
+        except ValueError:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise fail(f"{path}.url", f"expected an http:// or https:// URL such as http://127.0.0.1:8000, "
+                       f"got {_redact_url(up.url)!r}")
+        if url.query_string or url.fragment:
+            raise fail(f"{path}.url", "a query string or fragment is not allowed in an upstream URL")
+        for key in ("connect_timeout", "timeout", "idle_timeout"):
+            if getattr(up, key) <= 0:
+                raise fail(f"{path}.{key}", "expected a duration greater than 0")
+
+    # --- routes ----------------------------------------------------------------------------------------------
+    if not cfg.routes:
+        raise fail("routes", "expected at least one route")
+    seen: dict[str, int] = {}
+    for i, route in enumerate(cfg.routes):
+        rp = f"routes[{i}]"
+        if not _NAME.match(route.name):
+            raise fail(f"{rp}.name", f"a route name is 1-64 letters, digits, '_', '.' or '-', got {route.name!r}")
+        if route.name in seen:
+            raise fail(f"{rp}.name", f"duplicate route name {route.name!r} (also routes[{seen[route.name]}])")
+        seen[route.name] = i
+        if route.upstream not in cfg.upstreams:
+            raise fail(f"{rp}.upstream", f"unknown upstream {route.upstream!r}; expected one of: "
+                       f"{', '.join(cfg.upstreams)}")
+        _validate_match(route, rp, fail)
+        if route.strip_prefix and not route.match.prefix:
+            raise fail(f"{rp}.strip_prefix", "needs match.prefix: true (there is no prefix to strip)")
+        if route.auth is not None:
+            _validate_auth(route, rp, fail)
+        if route.rate_limit is not None:
+            _validate_rate_limit(route, rp, fail)
+
+
+def _validate_match(route, rp, fail) -> None:  # type: ignore[no-untyped-def]
+    m = route.match
+    if not m.path.startswith("/"):
+        raise fail(f"{rp}.match.path", f"expected a path starting with /, got {m.path!r}")
+    try:
+        normal = normalize_path(m.path)
+    except BadTarget as exc:
+        raise fail(f"{rp}.match.path", f"{exc}; got {m.path!r}") from None
+    if normal != m.path or "?" in m.path:
+        raise fail(f"{rp}.match.path", f"expected a normalized path (requests are matched after "
+                   f"normalization), got {m.path!r}; write {normal!r}")
+    if m.methods is not None:
+        if not m.methods:
+            raise fail(f"{rp}.match.methods", "expected at least one method, or leave the key out for all")
+        for j, method in enumerate(m.methods):
+            if not _TOKEN.match(method) or method != method.upper():
+                raise fail(f"{rp}.match.methods[{j}]", f"expected an upper-case HTTP method such as GET, "
+                           f"got {method!r}")
+            if method == "CONNECT":
+                raise fail(f"{rp}.match.methods[{j}]", "CONNECT is not proxied (it is always answered 405)")
+    if m.host is not None and (not m.host or any(c in m.host for c in "/ ?#@")):
+        raise fail(f"{rp}.match.host", f"expected a host name such as api.example.com, got {m.host!r}")
+
+
+def _validate_auth(route, rp, fail) -> None:  # type: ignore[no-untyped-def]
+    a = route.auth
+    p = f"{rp}.auth"
+    if a.on_store_error is None:
+        raise fail(p, f"on_store_error is not set here or in defaults.auth; {_FAIL_MODES}")
+    if not _TOKEN.match(a.header):
+        raise fail(f"{p}.header", f"expected an HTTP header name, got {a.header!r}")
+    if a.scheme is not None and not _TOKEN.match(a.scheme):
+        raise fail(f"{p}.scheme", f"expected an auth scheme such as Bearer, got {a.scheme!r}")
+    if a.on_store_error == "stale":
+        if a.stale_fallback is None:
+            raise fail(f"{p}.stale_fallback", "required with on_store_error: stale — what to do when no "
+                       "remembered answer exists: open or closed")
+        if not 0 < a.stale_for <= 86400:
+            raise fail(f"{p}.stale_for", f"expected a duration above 0 and at most 24h, got "
+                       f"{format_duration(a.stale_for)}")
+    if a.cache_for < 0:
+        raise fail(f"{p}.cache_for", "expected a duration of 0s or more")
+
+
+def _validate_rate_limit(route, rp, fail) -> None:  # type: ignore[no-untyped-def]
+    r = route.rate_limit
+    p = f"{rp}.rate_limit"
+    if r.on_store_error is None:
+        raise fail(p, f"on_store_error is not set here or in defaults.rate_limit; {_FAIL_MODES}")
+    if r.per < 0.001:
+        raise fail(f"{p}.per", "expected a window of at least 1ms")
+    if r.burst is not None and r.algorithm != "gcra":
+        raise fail(f"{p}.burst", f"only applies to algorithm: gcra (this route uses {r.algorithm})")
+    key = r.key
+    if key.startswith("header:"):
+        if not _TOKEN.match(key[len("header:") :]):
+            raise fail(f"{p}.key", f"expected header:<Name> with an HTTP header name, got {key!r}")
+    elif key == "principal":
+        if route.auth is None:
+            raise fail(f"{p}.key", "principal needs auth on the same route (the principal comes from it)")
+    elif key not in ("client_ip", "route"):
+        raise fail(f"{p}.key", f"expected one of: client_ip, header:<Name>, principal, route; got {key!r}")
+
+
+def _redact_url(url: str) -> str:
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)

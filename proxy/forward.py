@@ -1,0 +1,194 @@
+"""Streams a request to its upstream and the response back (SPEC §4, §7), in bounded memory both ways.
+
+One pooled ClientSession per upstream. Time budgets: `connect_timeout` (502), `timeout` until the response
+headers (504), `idle_timeout` for any pause while a body streams either way (the stream is cut; the status was
+already sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .config.schema import Upstream
+from .observe.metrics import UPSTREAM_DURATION
+
+log = logging.getLogger("failgate.forward")
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones proxies still see.
+HOP_BY_HOP = frozenset(
+    ["connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+     "trailer", "transfer-encoding", "upgrade"]
+)
+_CHUNK = 1 << 16
+
+
+class UpstreamFailed(Exception):
+    """Raised before any response byte was sent: answer with `status`."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """What the app decided to send upstream."""
+
+    method: str
+    path_qs: str  # normalized path (after strip_prefix) + "?" + raw query
+    headers: CIMultiDict[str]
+    max_body: int
+    request_id_header: str
+    request_id: str
+
+
+class UpstreamClient:
+    """One upstream: its pooled session and time budgets."""
+
+    def __init__(self, name: str, cfg: Upstream) -> None:
+        self.name = name
+        self.cfg = cfg
+        url = URL(cfg.url)
+        self.host_header = url.raw_authority  # what Host says unless preserve_host
+        self._origin = f"{url.scheme}://{url.raw_authority}"
+        self._base_path = url.raw_path.rstrip("/")
+        self._duration = UPSTREAM_DURATION.labels(name)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        # Created lazily: a ClientSession must be made inside the running loop.
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=0, ssl=self.cfg.tls_verify, keepalive_timeout=30, ttl_dns_cache=10,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.idle_timeout
+                ),
+                trust_env=False,
+                max_field_size=65536,
+                read_bufsize=_CHUNK,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def url_for(self, path_qs: str) -> URL:
+        return URL(self._origin + self._base_path + path_qs, encoded=True)
+
+    async def forward(self, request: web.BaseRequest, out: Outgoing) -> web.StreamResponse:
+        """Send `out` upstream and stream the answer to the client; raises UpstreamFailed before the status."""
+        too_large = False
+        data = None
+        if request.body_exists:
+            length = request.content_length
+            if length is not None and length > out.max_body:
+                raise UpstreamFailed(413, f"the request body is larger than {out.max_body} bytes")
+
+            async def body() -> AsyncIterator[bytes]:
+                nonlocal too_large
+                seen = 0
+                content = request.content
+                idle = self.cfg.idle_timeout
+                while True:
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
+                    if not chunk:
+                        return
+                    seen += len(chunk)
+                    if seen > out.max_body:
+                        too_large = True
+                        raise BodyTooLarge
+                    yield chunk
+
+            data = body()
+
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.cfg.timeout):
+                upstream = await self.session.request(
+                    out.method, self.url_for(out.path_qs), headers=out.headers, data=data,
+                    allow_redirects=False, compress=None, auto_decompress=False,
+                )
+        # aiohttp's timeout errors subclass TimeoutError, so they come first.
+        except aiohttp.ConnectionTimeoutError:
+            raise self._failed(too_large, 502, "could not connect to the upstream in time") from None
+        except (aiohttp.SocketTimeoutError, TimeoutError):
+            raise self._failed(too_large, 504, "the upstream did not answer in time") from None
+        except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
+            log.debug("upstream %s failed: %r", self.name, exc)
+            raise self._failed(too_large, 502, "the upstream could not be reached") from None
+        self._duration.observe(time.perf_counter() - started)
+        return await self._relay(request, upstream, out)
+
+    def _failed(self, too_large: bool, status: int, detail: str) -> UpstreamFailed:
+        if too_large:
+            return UpstreamFailed(413, "the request body is larger than limits.max_body")
+        return UpstreamFailed(status, detail)
+
+    async def _relay(
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, out: Outgoing
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        copy_response_headers(upstream.headers, resp.headers)
+        resp.headers[out.request_id_header] = out.request_id
+        try:
+            await resp.prepare(request)
+            content = upstream.content
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                await resp.write(chunk)
+            await resp.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            # The client went away: drop the upstream connection rather than reuse it mid-body.
+            upstream.close()
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # The upstream failed or went idle mid-body. The status is gone already: cut the client's stream so
+            # it sees a truncated response, not a complete one.
+            log.info("stream from upstream %s cut: %r", self.name, exc)
+            upstream.close()
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("upstream stream cut") from None
+        else:
+            upstream.release()
+        return resp
+
+
+def copy_response_headers(src: CIMultiDictProxy[str], dst: CIMultiDict[str]) -> None:
+    drop = HOP_BY_HOP | connection_tokens(src)
+    for name, value in src.items():
+        if name.lower() not in drop:
+            dst.add(name, value)
+
+
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    values = headers.getall("Connection", ())
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())

@@ -1,0 +1,66 @@
+"""Prometheus metrics (SPEC §9). Labels come only from config names and fixed enums, never from client input.
+
+In multi-worker mode each worker writes to prometheus-client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR
+must be set before this module is imported) and the parent aggregates them for `/metrics`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess as _mp
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REQUESTS = Counter(
+    "failgate_requests_total", "Requests answered, by route and status ('' = no route)",
+    ["route", "status"], registry=REGISTRY,
+)
+REQUEST_DURATION = Histogram(
+    "failgate_request_duration_seconds", "Time from request headers to response headers sent",
+    ["route"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+UPSTREAM_DURATION = Histogram(
+    "failgate_upstream_duration_seconds", "Time from sending a request upstream to its response headers",
+    ["upstream"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def exposition() -> bytes:
+    """The text exposition: this process's registry, or every worker's when running multiprocess."""
+    path = multiprocess_dir()
+    if path is None:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    _mp.MultiProcessCollector(registry, path=path)
+    return generate_latest(registry)
+
+
+def mark_dead(pid: int) -> None:
+    path = multiprocess_dir()
+    if path is not None:
+        _mp.mark_process_dead(pid, path)
+
+
+class RouteMetrics:
+    """A route's labelled children, resolved once at config load so the hot path does no label lookups."""
+
+    __slots__ = ("_by_status", "_name", "duration")
+
+    def __init__(self, route: str) -> None:
+        self._name = route
+        self._by_status: dict[int, Counter] = {}
+        self.duration = REQUEST_DURATION.labels(route)
+
+    def count(self, status: int) -> None:
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = REQUESTS.labels(self._name, str(status))
+        child.inc()

@@ -1,0 +1,42 @@
+"""Responses Failgate makes itself (SPEC §8): a JSON body with a fixed error code, never a traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import msgspec
+from aiohttp import web
+
+_REASONS = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    413: "payload_too_large", 429: "rate_limited", 501: "not_implemented", 502: "upstream_unavailable",
+    504: "upstream_timeout",
+}
+
+
+class ErrorBody(msgspec.Struct):
+    error: str
+    detail: str
+    route: str | None
+    request_id: str
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def error_response(
+    status: int,
+    detail: str,
+    *,
+    route: str | None,
+    request_id: str,
+    request_id_header: str,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    body = _encode(ErrorBody(code or _REASONS.get(status, "error"), detail, route, request_id))
+    resp = web.Response(status=status, body=body, content_type="application/json")
+    resp.headers[request_id_header] = request_id
+    if headers:
+        resp.headers.update(headers)
+    return resp

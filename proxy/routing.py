@@ -1,0 +1,192 @@
+"""Request-target normalization and route matching (SPEC §7). No I/O.
+
+Matching runs on the raw request target, normalized once: unreserved characters are percent-decoded (so `%41`
+and `A` are the same path), `.`/`..` segments resolved, `//` collapsed. Anything that could make the proxy and
+the upstream disagree about which path was asked for is refused with 400 instead: an encoded `/` or `\\`, a raw
+`\\` or `;`, control characters, bad escapes, `..` above the root. The upstream receives exactly the normalized
+path plus the original query string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_HEX = "0123456789ABCDEFabcdef"
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# Characters allowed raw in a path (RFC 3986 pchar + "/"), minus ";" which we refuse (matrix parameters are
+# read differently by different servers) and "%" which is handled as an escape.
+_PATH_RAW = _UNRESERVED | frozenset("!$&'()*+,=:@/")
+
+
+class BadTarget(ValueError):
+    """The request target cannot be normalized safely: answer 400 with this message as the detail."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    path: str  # normalized
+    query: str  # raw, without "?"; "" when absent
+    authority: str | None  # from an absolute-form target
+
+
+def parse_target(raw: str) -> Target:
+    authority = None
+    if raw[:1] != "/":
+        lower = raw[:8].lower()
+        if lower.startswith("http://") or lower.startswith("https://"):
+            rest = raw[raw.index("//") + 2 :]
+            cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+            authority, raw = rest[:cut], rest[cut:]
+            if raw[:1] != "/":
+                raw = "/" + raw
+        else:
+            raise BadTarget("the request target must be a path or an absolute http(s) URL")
+    path, _, query = raw.partition("?")
+    if "#" in raw:
+        raise BadTarget("a fragment (#) is not allowed in a request target")
+    return Target(normalize_path(path), query, authority)
+
+
+def normalize_path(path: str) -> str:
+    # Fast path: the overwhelmingly common clean path needs no rewriting.
+    if "%" not in path and "/." not in path and "//" not in path and _all_raw_ok(path):
+        return path
+    if not path.startswith("/"):
+        raise BadTarget("the path must start with /")
+    out: list[str] = []
+    i, n = 0, len(path)
+    while i < n:
+        c = path[i]
+        if c == "%":
+            h = path[i + 1 : i + 3]
+            if len(h) != 2 or h[0] not in _HEX or h[1] not in _HEX:
+                raise BadTarget("invalid percent-escape in the path")
+            code = int(h, 16)
+            ch = chr(code)
+            if ch in "/\\":
+                raise BadTarget("an encoded / or \\ is not allowed in the path")
+            if code < 0x20 or code == 0x7F:
+                raise BadTarget("an encoded control character is not allowed in the path")
+            out.append(ch if ch in _UNRESERVED else "%" + h.upper())
+            i += 3
+            continue
+        _check_raw(c)
+        out.append(c)
+        i += 1
+    return _resolve_dots("".join(out))
+
+
+def _all_raw_ok(path: str) -> bool:
+    return path.startswith("/") and all(c in _PATH_RAW for c in path)
+
+
+def _check_raw(c: str) -> None:
+    if c in _PATH_RAW:
+        return
+    if c == "\\":
+        raise BadTarget("a backslash is not allowed in the path")
+    if c == ";":
+        raise BadTarget("a semicolon is not allowed in the path")
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        raise BadTarget("a control character is not allowed in the path")
+    if ord(c) > 0x7E:
+        raise BadTarget("a non-ASCII character must be percent-encoded in the path")
+    raise BadTarget(f"the character {c!r} must be percent-encoded in the path")
+
+
+def _resolve_dots(path: str) -> str:
+    segments = path.split("/")[1:]
+    out: list[str] = []
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg == "." or (seg == "" and not last):
+            if last:
+                out.append("")
+            continue
+        if seg == "..":
+            if not out:
+                raise BadTarget("the path climbs above the root with ..")
+            out.pop()
+            if last:
+                out.append("")
+            continue
+        out.append(seg)
+    return "/" + "/".join(out)
+
+
+def host_of(value: str | None) -> str | None:
+    """`Example.COM:8080` -> `example.com`; `[::1]:80` -> `[::1]`."""
+    if not value:
+        return None
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        return value[: end + 1] if end > 0 else value
+    return value.split(":", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """The matching part of a route, compiled."""
+
+    path: str  # normalized; for prefixes without a trailing slash (except "/")
+    prefix: bool
+    methods: frozenset[str] | None  # None = all
+    host: str | None  # lower case, no port
+
+    def matches_path(self, path: str) -> bool:
+        if not self.prefix:
+            return path == self.path
+        p = self.path
+        if p == "/":
+            return True
+        return path == p or (path.startswith(p) and path[len(p)] == "/")
+
+    def matches(self, method: str, host: str | None, path: str) -> bool:
+        if self.host is not None and self.host != host:
+            return False
+        if self.methods is not None and method not in self.methods:
+            return False
+        return self.matches_path(path)
+
+    def covers(self, other: RouteMatch) -> bool:
+        """Whether every request `other` matches is matched by self (so `other`, listed later, is shadowed)."""
+        if self.host is not None and self.host != other.host:
+            return False
+        if self.methods is not None and (other.methods is None or not other.methods <= self.methods):
+            return False
+        if other.prefix:
+            return self.prefix and self.matches_path(other.path)
+        return self.matches_path(other.path)
+
+
+def compile_match(path: str, prefix: bool, methods: Sequence[str] | None, host: str | None) -> RouteMatch:
+    if prefix and path != "/" and path.endswith("/"):
+        path = path.rstrip("/") or "/"
+    return RouteMatch(
+        path=path,
+        prefix=prefix,
+        methods=frozenset(m.upper() for m in methods) if methods else None,
+        host=host_of(host),
+    )
+
+
+class Router:
+    """First match wins; `allowed` lists the methods of routes whose host and path matched, for a 405."""
+
+    def __init__(self, entries: Sequence[tuple[RouteMatch, object]]) -> None:
+        self._entries = list(entries)
+
+    def match(self, method: str, host: str | None, path: str) -> object | None:
+        for m, route in self._entries:
+            if m.matches(method, host, path):
+                return route
+        return None
+
+    def allowed(self, host: str | None, path: str) -> set[str]:
+        out: set[str] = set()
+        for m, _ in self._entries:
+            if (m.host is None or m.host == host) and m.matches_path(path) and m.methods is not None:
+                out |= m.methods
+        return out

@@ -1,0 +1,298 @@
+"""Processes: one serving process, or a supervising parent with N workers sharing the port (SPEC §9, §10).
+
+- `workers: 1` runs everything in one process: the proxy listener and the admin listener.
+- `workers: N > 1`: the parent validates the config once, starts N workers (`python -m proxy _worker`) that each
+  bind the proxy port with SO_REUSEPORT, restarts a worker that dies, and serves the admin listener with metrics
+  aggregated across workers. Each worker's stdin is its control channel from the parent (JSON lines) and its
+  stdout the channel back; a worker whose stdin closes (the parent died) drains and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from .config import LoadedConfig, load_text
+from .config.validate import resolve_workers
+
+log = logging.getLogger("failgate.server")
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+class Serving:
+    """What one serving process owns: the compiled config and the proxy listener."""
+
+    def __init__(self, loaded: LoadedConfig, *, reuse_port: bool) -> None:
+        from .app import Proxy, Runtime
+
+        cfg = loaded.config
+        self.loaded = loaded
+        self.runtime = Runtime(loaded)
+        self.proxy = Proxy(self.runtime, tls=cfg.listen.tls is not None)
+        self._reuse_port = reuse_port
+        self._runner: web.ServerRunner | None = None
+
+    async def start(self) -> None:
+        from .listener import ProxyServer
+
+        cfg = self.loaded.config
+        access_log: Any = None
+        if cfg.access_log:
+            from .observe.accesslog import JsonAccessLogger, access_logger
+
+            access_log = {"access_log": access_logger(), "access_log_class": JsonAccessLogger}
+        server = ProxyServer(
+            self.proxy.handle,
+            header_timeout=cfg.limits.header_timeout,
+            max_connections=cfg.limits.max_connections,
+            keepalive_timeout=75.0,
+            **(access_log or {"access_log": None}),
+        )
+        self._runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_grace)
+        await self._runner.setup()
+        ssl_context = None
+        if cfg.listen.tls is not None:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(cfg.listen.tls.cert, cfg.listen.tls.key)
+        site = web.TCPSite(self._runner, cfg.listen.host, cfg.listen.port, ssl_context=ssl_context,
+                           backlog=1024, reuse_port=self._reuse_port or None)
+        await site.start()
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish within shutdown_grace, close the upstream pools."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.runtime.close()
+
+
+def _install_stop_signals(stop: asyncio.Event, signals: tuple[int, ...]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+
+
+# --- one process ----------------------------------------------------------------------------------------------
+
+class SingleProcess:
+    def __init__(self, loaded: LoadedConfig) -> None:
+        self.serving = Serving(loaded, reuse_port=False)
+        self.draining = False
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        return not self.draining, {"draining": self.draining, "workers": {"configured": 1, "ready": 1}}
+
+    def current(self) -> LoadedConfig:
+        return self.serving.loaded
+
+    def last_error(self) -> str | None:
+        return None
+
+
+async def run_single(loaded: LoadedConfig) -> None:
+    from .admin import build_admin
+
+    cfg = loaded.config
+    owner = SingleProcess(loaded)
+    admin = web.AppRunner(build_admin(owner, cfg.admin.token), access_log=None)
+    await admin.setup()
+    await web.TCPSite(admin, cfg.admin.host, cfg.admin.port).start()
+    await owner.serving.start()
+    log.info("failgate serving on %s:%d (admin %s:%d), config %s sha256 %s", cfg.listen.host, cfg.listen.port,
+             cfg.admin.host, cfg.admin.port, loaded.source, loaded.sha256[:12])
+    stop = asyncio.Event()
+    _install_stop_signals(stop, (signal.SIGTERM, signal.SIGINT))
+    await stop.wait()
+    owner.draining = True
+    log.info("draining (up to %ss)", cfg.shutdown_grace)
+    await owner.serving.stop()
+    await admin.cleanup()
+
+
+# --- worker process -------------------------------------------------------------------------------------------
+
+async def worker_main() -> None:
+    """Entry of `python -m proxy _worker`: read `start` from stdin, serve, obey the parent, exit on EOF."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def send(event: dict[str, Any]) -> None:
+        sys.stdout.buffer.write(_encode(event) + b"\n")
+        sys.stdout.buffer.flush()
+
+    first = await reader.readline()
+    if not first:
+        return
+    msg = _decode(first)
+    loaded = load_text(msg["text"], msg["source"])
+    serving = Serving(loaded, reuse_port=True)
+    await serving.start()
+    send({"event": "ready", "pid": os.getpid(), "sha256": loaded.sha256})
+
+    stop = asyncio.Event()
+    _install_stop_signals(stop, (signal.SIGTERM,))
+
+    async def control() -> None:
+        while True:
+            line = await reader.readline()
+            if not line:
+                break  # the parent is gone
+            cmd = _decode(line)
+            if cmd.get("op") == "stop":
+                break
+            log.warning("unknown control message %r", cmd.get("op"))
+        stop.set()
+
+    task = asyncio.create_task(control())
+    await stop.wait()
+    task.cancel()
+    await serving.stop()
+
+
+# --- supervising parent ---------------------------------------------------------------------------------------
+
+class Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = False
+        self.started_at = 0.0
+        self.listener: asyncio.Task[None] | None = None
+
+
+class Supervisor:
+    def __init__(self, loaded: LoadedConfig, count: int) -> None:
+        self.loaded = loaded
+        self.workers = [Worker(i) for i in range(count)]
+        self.draining = False
+        self.restarts = 0
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        n = sum(w.ready for w in self.workers)
+        ok = n > 0 and not self.draining
+        return ok, {"draining": self.draining,
+                    "workers": {"configured": len(self.workers), "ready": n, "restarts": self.restarts}}
+
+    def current(self) -> LoadedConfig:
+        return self.loaded
+
+    def last_error(self) -> str | None:
+        return None
+
+    async def spawn(self, w: Worker) -> None:
+        w.ready = False
+        w.started_at = time.monotonic()
+        w.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "_worker",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        assert w.proc.stdin is not None
+        w.proc.stdin.write(_encode({"op": "start", "source": self.loaded.source, "text": self.loaded.text})
+                           + b"\n")
+        await w.proc.stdin.drain()
+        w.listener = asyncio.create_task(self._listen(w, w.proc))
+
+    async def _listen(self, w: Worker, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            event = _decode(line)
+            if event.get("event") == "ready":
+                w.ready = True
+                log.info("worker %d ready (pid %d)", w.index, proc.pid)
+        code = await proc.wait()
+        w.ready = False
+        from .observe.metrics import mark_dead
+
+        mark_dead(proc.pid)
+        if self.draining:
+            return
+        log.error("worker %d (pid %d) exited with %s; restarting it", w.index, proc.pid, code)
+        self.restarts += 1
+        # Don't spin on a worker that dies at start.
+        if time.monotonic() - w.started_at < 1.0:
+            await asyncio.sleep(1.0)
+        if not self.draining:
+            await self.spawn(w)
+
+    async def stop(self, grace: float) -> None:
+        self.draining = True
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None and w.proc.stdin is not None:
+                with contextlib.suppress(ConnectionError):
+                    w.proc.stdin.write(_encode({"op": "stop"}) + b"\n")
+        for w in self.workers:
+            if w.proc is None:
+                continue
+            try:
+                await asyncio.wait_for(w.proc.wait(), grace + 5.0)
+            except TimeoutError:
+                log.error("worker %d did not stop within the grace period; killing it", w.index)
+                w.proc.kill()
+                await w.proc.wait()
+
+
+def prepare_multiprocess_metrics() -> str:
+    """A fresh, empty directory for prometheus-client's multiprocess files, exported to the workers."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+    else:
+        path = tempfile.mkdtemp(prefix="failgate-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+async def run_supervisor(loaded: LoadedConfig, count: int) -> None:
+    from .admin import build_admin
+
+    cfg = loaded.config
+    sup = Supervisor(loaded, count)
+    for w in sup.workers:
+        await sup.spawn(w)
+    admin = web.AppRunner(build_admin(sup, cfg.admin.token), access_log=None)
+    await admin.setup()
+    await web.TCPSite(admin, cfg.admin.host, cfg.admin.port).start()
+    log.info("failgate supervising %d workers on %s:%d (admin %s:%d), config %s sha256 %s", count,
+             cfg.listen.host, cfg.listen.port, cfg.admin.host, cfg.admin.port, loaded.source, loaded.sha256[:12])
+    stop = asyncio.Event()
+    _install_stop_signals(stop, (signal.SIGTERM, signal.SIGINT))
+    await stop.wait()
+    log.info("draining %d workers (up to %ss)", count, cfg.shutdown_grace)
+    await sup.stop(cfg.shutdown_grace)
+    await admin.cleanup()
+
+
+def run(loaded: LoadedConfig, workers_override: int | None = None) -> None:
+    import uvloop
+
+    count = workers_override or resolve_workers(loaded.config.workers)
+    if count == 1:
+        uvloop.run(run_single(loaded))
+        return
+    metrics_dir = prepare_multiprocess_metrics()
+    try:
+        uvloop.run(run_supervisor(loaded, count))
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def run_worker() -> None:
+    import uvloop
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    uvloop.run(worker_main())
