@@ -1,0 +1,272 @@
+"""Real parts for tests: an upstream HTTP server on loopback, the proxy in-process or as a process, a raw client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.config import load_text
+from proxy.server import Serving
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- upstream -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Upstream:
+    """A real aiohttp server that records what reached it."""
+
+    port: int = 0
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=1 << 40)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            self.peers.append(peer[:2])
+        if path == "/upload":
+            digest, n = hashlib.sha256(), 0
+            async for chunk in request.content.iter_any():
+                digest.update(chunk)
+                n += len(chunk)
+            return web.json_response({"bytes": n, "sha256": digest.hexdigest()})
+        body = await request.read()
+        self.seen.append({"method": request.method, "raw_path": request.raw_path,
+                          "headers": list(request.headers.items()), "body": body})
+        if path.startswith("/status/"):
+            return web.Response(status=int(path.rsplit("/", 1)[1]), text="custom")
+        if path == "/sleep":
+            await asyncio.sleep(float(request.query["s"]))
+            return web.Response(text="slept")
+        if path == "/download":
+            size = int(request.query["bytes"])
+            resp = web.StreamResponse()
+            resp.content_length = size
+            await resp.prepare(request)
+            chunk = b"x" * (1 << 16)
+            sent = 0
+            while sent < size:
+                part = chunk[: min(len(chunk), size - sent)]
+                await resp.write(part)
+                sent += len(part)
+            await resp.write_eof()
+            return resp
+        if path == "/stall":
+            resp = web.StreamResponse()
+            resp.content_length = 100
+            await resp.prepare(request)
+            await resp.write(b"y" * 10)
+            await asyncio.sleep(float(request.query["s"]))
+            await resp.write(b"y" * 90)
+            return resp
+        if path == "/hop":
+            return web.Response(text="hop", headers={
+                "Connection": "X-Private", "X-Private": "secret", "Keep-Alive": "timeout=5",
+                "Proxy-Authenticate": "Basic", "Trailer": "X-T", "X-Public": "ok",
+                "Set-Cookie": "session=abc"})
+        return web.json_response({"method": request.method, "raw_path": request.raw_path,
+                                  "headers": list(request.headers.items()), "body_bytes": len(body)})
+
+
+# --- proxy ----------------------------------------------------------------------------------------------------
+
+def config_text(upstream_url: str, routes: str, *, port: int | None = None, admin_port: int | None = None,
+                extra: str = "", upstream_extra: str = "") -> str:
+    port = port or free_port()
+    admin_port = admin_port or free_port()
+    return (
+        "version: 1\n"
+        f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+        f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
+        + textwrap.dedent(extra)
+        + "upstreams:\n"
+        f"  api:\n    url: {upstream_url}\n"
+        + textwrap.indent(textwrap.dedent(upstream_extra), "    ")
+        + "routes:\n"
+        + textwrap.indent(textwrap.dedent(routes), "  ")
+    )
+
+
+class InProcessProxy:
+    """The real proxy listener, served in the test's own event loop."""
+
+    def __init__(self, text: str, source: str = "test.yaml") -> None:
+        self.loaded = load_text(text, source)
+        self.serving = Serving(self.loaded, reuse_port=False)
+        self.port = self.loaded.config.listen.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> InProcessProxy:
+        await self.serving.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.serving.stop()
+
+
+class ProxyProcess:
+    """`python -m proxy run -c FILE` as a real process."""
+
+    def __init__(self, config_path: Path, *args: str) -> None:
+        self.config_path = config_path
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        from proxy.config import load_file
+
+        cfg = load_file(str(config_path)).config
+        self.port, self.admin_port = cfg.listen.port, cfg.admin.port
+        self.log_path = config_path.with_suffix(".log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self) -> ProxyProcess:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path), *self.args],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True,
+        )
+        return self
+
+    async def wait_ready(self, timeout: float = 20.0, workers: int | None = None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"proxy exited {self.proc.returncode}: {self.log()}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with s.get(self.admin + "/readyz") as r:
+                        body = await r.json()
+                        if r.status == 200 and (workers is None or body["workers"]["ready"] == workers):
+                            return body  # type: ignore[no-any-return]
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"proxy not ready in {timeout}s: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+# --- a raw HTTP/1.1 client, for request targets no URL library would send -----------------------------------
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def raw_request(port: int, target: str, *, method: str = "GET", headers: dict[str, str] | None = None,
+                      body: bytes = b"") -> RawResponse:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+        for k, v in (headers or {}).items():
+            head += f"{k}: {v}\r\n"
+        if body:
+            head += f"Content-Length: {len(body)}\r\n"
+        writer.write(head.encode("latin-1") + b"\r\n" + body)
+        await writer.drain()
+        return await read_response(reader)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def read_response(reader: asyncio.StreamReader) -> RawResponse:
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionResetError("connection closed before a response")
+    status = int(status_line.split()[1])
+    headers: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        k, _, v = line.decode("latin-1").partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if "content-length" in headers:
+        data = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        data = b""
+        while True:
+            size = int((await reader.readline()).strip(), 16)
+            if size == 0:
+                await reader.readline()
+                break
+            data += await reader.readexactly(size)
+            await reader.readline()
+    else:
+        data = await reader.read()
+    return RawResponse(status, headers, data)
+
+
+async def drain_body(it: AsyncIterator[bytes]) -> int:
+    n = 0
+    async for chunk in it:
+        n += len(chunk)
+    return n
