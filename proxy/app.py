@@ -17,7 +17,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .config import ConfigError, LoadedConfig
-from .forward import HOP_BY_HOP, Outgoing, UpstreamClient, UpstreamFailed, connection_tokens
+from .forward import HOP_BY_HOP, ClientGone, Outgoing, UpstreamClient, UpstreamFailed, connection_tokens
 from .observe.metrics import RouteMetrics
 from .responses import error_response
 from .routing import BadTarget, Router, compile_match, host_of, parse_target
@@ -37,6 +37,9 @@ class Route:
     strip: int  # characters of the matched prefix to remove; 0 when strip_prefix is off
     preserve_host: bool
     metrics: RouteMetrics
+
+
+ROUTE: web.RequestKey[Route] = web.RequestKey("route", Route)
 
 
 class Runtime:
@@ -116,17 +119,16 @@ class Proxy:
         try:
             resp = await self._handle(request, rt, rid)
         except UpstreamFailed as exc:
-            route = request.get("route")
+            route = request.get(ROUTE)
             resp = error_response(exc.status, exc.detail, route=route.name if route else None, request_id=rid,
                                   request_id_header=rid_header)
             if exc.status == 413:
                 resp.force_close()  # don't read the rest of an oversized body
-        except ConnectionResetError:
-            # The client went away (or the upstream stream was cut): nothing to answer. Counted as 499, the
-            # status nginx logs for it.
-            self._count(request.get("route"), 499, started)
-            raise
-        self._count(request.get("route"), resp.status, started)
+        except ClientGone as gone:
+            # The client went away mid-response: counted as 499, the status nginx logs for it.
+            self._count(request.get(ROUTE), 499, started)
+            return gone.response
+        self._count(request.get(ROUTE), resp.status, started)
         return resp
 
     @staticmethod
@@ -156,7 +158,7 @@ class Proxy:
             return error_response(404, "no route matches this request", route=None, request_id=rid,
                                   request_id_header=rid_header)
         assert isinstance(route, Route)
-        request["route"] = route
+        request[ROUTE] = route
         if "Upgrade" in headers:
             resp = error_response(501, "protocol upgrades (WebSocket) are not supported yet", route=route.name,
                                   request_id=rid, request_id_header=rid_header)

@@ -44,6 +44,14 @@ class BodyTooLarge(Exception):
     pass
 
 
+class ClientGone(Exception):
+    """The client disconnected mid-response; `response` is what was prepared (aiohttp finishes it quietly)."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("client disconnected")
+        self.response = response
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """What the app decided to send upstream."""
@@ -163,10 +171,10 @@ class UpstreamClient:
                     break
                 await resp.write(chunk)
             await resp.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
+        except ConnectionError:  # includes aiohttp.ClientConnectionResetError
             # The client went away: drop the upstream connection rather than reuse it mid-body.
             upstream.close()
-            raise
+            raise ClientGone(resp) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             # The upstream failed or went idle mid-body. The status is gone already: cut the client's stream so
             # it sees a truncated response, not a complete one.
@@ -174,7 +182,6 @@ class UpstreamClient:
             upstream.close()
             if request.transport is not None:
                 request.transport.abort()
-            raise ConnectionResetError("upstream stream cut") from None
         else:
             upstream.release()
         return resp

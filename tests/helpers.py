@@ -86,11 +86,14 @@ class Upstream:
             await resp.prepare(request)
             chunk = b"x" * (1 << 16)
             sent = 0
-            while sent < size:
-                part = chunk[: min(len(chunk), size - sent)]
-                await resp.write(part)
-                sent += len(part)
-            await resp.write_eof()
+            try:
+                while sent < size:
+                    part = chunk[: min(len(chunk), size - sent)]
+                    await resp.write(part)
+                    sent += len(part)
+                await resp.write_eof()
+            except ConnectionError:
+                pass  # the proxy dropped us: expected in disconnect tests
             return resp
         if path == "/stall":
             resp = web.StreamResponse()

@@ -26,7 +26,9 @@ def access_logger() -> logging.Logger:
 
 class JsonAccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time_taken: float) -> None:
-        route = request.get("route")
+        from ..app import ROUTE
+
+        route = request.get(ROUTE)
         self.logger.info(_encode({
             "ts": round(time.time(), 3),
             "request_id": response.headers.get("X-Request-Id"),
