@@ -175,7 +175,6 @@ class ProxyProcess:
     def start(self) -> ProxyProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path), *self.args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import aiohttp
@@ -34,17 +35,17 @@ def header(seen: dict, name: str) -> list[str]:  # type: ignore[type-arg]
 
 
 async def test_request_headers_reach_the_upstream_rewritten(upstream: Upstream) -> None:
-    async with proxy(upstream) as p, aiohttp.ClientSession() as s:
-        async with s.get(URL(p.url + "/public/x?b=2&a=%2F", encoded=True), headers={
+    async with proxy(upstream) as p, aiohttp.ClientSession() as s, \
+            s.get(URL(p.url + "/public/x?b=2&a=%2F", encoded=True), headers={
             "X-Forwarded-For": "203.0.113.9",
             "X-Forwarded-Proto": "gopher", "X-Forwarded-Host": "evil",
             "Connection": "keep-alive, X-Hop",
             "X-Hop": "must not pass", "Keep-Alive": "timeout=5", "TE": "trailers", "Proxy-Authorization": "x",
             "Failgate-Degraded": "auth;mode=open", "X-Failgate-Principal": "root", "X_Failgate_Scopes": "admin",
             "X-Failgate_Principal": "root", "X-Custom": "kept", "Authorization": "Bearer abc",
-        }) as r:
-            assert r.status == 200
-            rid = r.headers["X-Request-Id"]
+            }) as r:
+        assert r.status == 200
+        rid = r.headers["X-Request-Id"]
     seen = upstream.seen[-1]
     assert seen["raw_path"] == "/public/x?b=2&a=%2F"
     assert header(seen, "X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"]
@@ -209,10 +210,8 @@ async def test_upstream_connect_timeout_is_502() -> None:
     for _ in range(4):
         c = socket.socket()
         c.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             c.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
         fillers.append(c)
     try:
         text = config_text(f"http://127.0.0.1:{port}", ROUTES, upstream_extra="connect_timeout: 300ms\n")

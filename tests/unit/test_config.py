@@ -143,7 +143,8 @@ CASES = [
      "f.yaml: routes[0].rate_limit.key: expected one of: client_ip, header:<Name>, principal, route; got 'cookie'"),
     (ROUTE + "    rate_limit: {limit: 10, per: 1m, on_store_error: open, key: principal}\n",
      "f.yaml: routes[0].rate_limit.key: principal needs auth on the same route (the principal comes from it)"),
-    (ROUTE.replace("{path: /a}", "{path: a}"), "f.yaml: routes[0].match.path: expected a path starting with /, got 'a'"),
+    (ROUTE.replace("{path: /a}", "{path: a}"),
+     "f.yaml: routes[0].match.path: expected a path starting with /, got 'a'"),
     (ROUTE.replace("{path: /a}", "{path: /a/../b}"),
      "f.yaml: routes[0].match.path: expected a normalized path (requests are matched after normalization), got "
      "'/a/../b'; write '/b'"),
@@ -172,7 +173,8 @@ CASES = [
      "f.yaml: trusted_proxies[0]: expected an IP address or CIDR such as 10.0.0.0/8, got '10.0.0.0/33'"),
     (ROUTE + "listen: {tls: {cert: /nonexistent.pem, key: /nonexistent.key}}\n",
      "f.yaml: listen.tls.cert: no such file: /nonexistent.pem"),
-    (ROUTE + "headers: {degraded: 'Bad Header'}\n", "f.yaml: headers.degraded: expected an HTTP header name, got 'Bad Header'"),
+    (ROUTE + "headers: {degraded: 'Bad Header'}\n",
+     "f.yaml: headers.degraded: expected an HTTP header name, got 'Bad Header'"),
     ("version: 1\nupstreams:\n  api: {url: 'http://x'}\nroutes: []\n", "f.yaml: routes: expected at least one route"),
     # --- defaults ---
     (ROUTE + "defaults:\n  rate_limit: {limit: 5}\n",
@@ -210,8 +212,8 @@ def test_defaults_merge_key_by_key_and_the_route_wins() -> None:
 def test_environment_substitution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FG_UP", "http://10.1.2.3:9000")
     monkeypatch.setenv("FG_TOKEN", "s3cret")
-    loaded = load_text(ROUTE.replace('"http://127.0.0.1:8000"', '"${FG_UP}"') + "admin: {token: 'Bearer-${FG_TOKEN}'}\n",
-                       "f.yaml")
+    text = ROUTE.replace('"http://127.0.0.1:8000"', '"${FG_UP}"') + "admin: {token: 'Bearer-${FG_TOKEN}'}\n"
+    loaded = load_text(text, "f.yaml")
     assert loaded.config.upstreams["api"].url == "http://10.1.2.3:9000"
     assert loaded.config.admin.token == "Bearer-s3cret"
     assert loaded.from_env == {"upstreams.api.url", "admin.token"}

@@ -1,0 +1,114 @@
+"""The command line: `failgate check` exit codes and output, `run` on a bad config, `demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.helpers import ROOT
+
+
+def failgate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+
+
+def test_check_accepts_the_example_config_and_explains_it() -> None:
+    r = failgate("check", "config/failgate.yaml")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.startswith("config/failgate.yaml: OK (sha256 ")
+    assert "[1] payments: GET,POST /payments and below -> payments http://127.0.0.1:8100 (prefix stripped)" in out
+    assert "on_store_error stale (declared), stale_for 5m, then closed" in out
+    assert "rate_limit: 100 per 1m (sliding_window) by client_ip; on_store_error open (inherited from defaults)" in out
+    assert "auth: api_key in X-Api-Key scopes admin; on_store_error closed (inherited from defaults), status 503" in out
+
+
+def test_check_warns_about_shadowed_routes_and_auth_that_fails_open(tmp_path: Path) -> None:
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text("""\
+version: 1
+upstreams: {api: {url: "http://127.0.0.1:1"}}
+routes:
+  - name: everything
+    match: {path: /, prefix: true}
+    upstream: api
+  - name: users
+    match: {path: /users}
+    upstream: api
+    auth: {type: api_key, on_store_error: open}
+  - name: pay
+    match: {path: /pay}
+    upstream: api
+    auth: {type: api_key, on_store_error: stale, stale_fallback: open}
+""")
+    r = failgate("check", str(cfg))
+    assert r.returncode == 0
+    assert "  - routes[1] (users) can never match: routes[0] (everything) matches every request it would" in r.stdout
+    assert ("  - routes[1].auth (users): on_store_error open lets every request through unauthenticated while the "
+            "store cannot answer") in r.stdout
+    assert ("  - routes[2].auth (pay): stale_fallback open lets credentials never seen before through "
+            "unauthenticated while the store cannot answer") in r.stdout
+
+
+def test_check_rejects_a_bad_config_with_exit_1_and_no_traceback(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("version: 1\nupstreams: {api: {url: 'http://x'}}\nroutes:\n"
+                   "  - {name: a, match: {path: /}, upstream: nope}\n")
+    r = failgate("check", str(cfg))
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr == f"error: {cfg}: routes[0].upstream: unknown upstream 'nope'; expected one of: api\n"
+    r = failgate("check", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 1
+    assert "cannot read the file: No such file or directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_with_an_invalid_config_exits_1(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("version: 1\nupstreams: {}\nroutes: []\nlisten: {port: nope}\n")
+    r = failgate("run", "-c", str(cfg))
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"error: {cfg}: listen.port: expected int, got 'nope'"
+
+
+def test_python_m_proxy_and_the_console_script_are_the_same_program() -> None:
+    script = Path(sys.executable).parent / "failgate"
+    a = subprocess.run([str(script), "check", "config/demo.yaml"], capture_output=True, text=True, cwd=ROOT)
+    b = failgate("check", "config/demo.yaml")
+    assert a.returncode == b.returncode == 0
+    assert a.stdout == b.stdout
+
+
+async def test_demo_serves_the_echo_api_through_the_proxy() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "demo"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as s:
+            while True:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with s.get("http://127.0.0.1:9901/readyz") as r:
+                        if r.status == 200:
+                            break
+                assert time.monotonic() < deadline, "demo not ready"
+                await asyncio.sleep(0.1)
+            async with s.get("http://127.0.0.1:8080/api/v1/users?id=7") as r:
+                assert r.status == 200
+                body = await r.json()
+                assert (body["path"], body["query"]) == ("/users", "id=7")
+            async with s.delete("http://127.0.0.1:8080/api/v1/users") as r:
+                assert r.status == 405
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "curl -s localhost:8080/public/hello" in out
