@@ -1,0 +1,32 @@
+"""The store boundary (SPEC §3, §4): one small protocol, `memory://` and `redis://` behind it, every failure
+translated into StoreUnavailable(reason) here and nowhere else."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ..config.schema import Store as StoreConfig
+from .errors import StoreUnavailable
+from .ops import GetOp, Op, RateOp, RateResult
+
+
+class Store(Protocol):
+    async def execute(self, ops: Sequence[Op]) -> list[Any]:
+        """Run one request's operations in one round trip; raises StoreUnavailable."""
+
+    async def close(self) -> None: ...
+
+
+def open_store(cfg: StoreConfig) -> Store:
+    """Must be called inside the running loop."""
+    if cfg.url.startswith("memory://"):
+        from .memory import MemoryStore
+
+        return MemoryStore()
+    from .redis import RedisStore
+
+    return RedisStore(cfg.url, timeout=cfg.timeout, connect_timeout=cfg.connect_timeout, pool_size=cfg.pool_size)
+
+
+__all__ = ["GetOp", "Op", "RateOp", "RateResult", "Store", "StoreUnavailable", "open_store"]

@@ -1,0 +1,19 @@
+"""The one exception the store boundary raises. Every redis/socket/protocol failure is translated into it once,
+here, so nothing above the store ever sees a redis-py, hiredis or socket exception."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Reason = Literal["timeout", "unavailable", "error"]
+
+
+class StoreUnavailable(Exception):
+    """The store could not answer. `transport` is False for an error reply about one record (a malformed value):
+    the store itself is fine, so the breaker must not count it."""
+
+    def __init__(self, reason: Reason, detail: str = "", *, transport: bool = True) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason: Reason = reason
+        self.detail = detail
+        self.transport = transport

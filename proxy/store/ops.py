@@ -1,0 +1,36 @@
+"""What a check asks the store for: small values that any store can execute (the "what", not the "where")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+@dataclass(frozen=True, slots=True)
+class RateOp:
+    """Count one request against a rate limit and say whether it is admitted."""
+
+    algorithm: str  # fixed_window | sliding_window | gcra
+    key: str  # full store key
+    limit: int
+    window: int  # µs
+    burst: int
+    now: int | None = None  # µs; None = the store's own clock (tests pin it)
+
+
+@dataclass(frozen=True, slots=True)
+class GetOp:
+    """Read one value (an API-key record, the epoch marker)."""
+
+    key: str
+
+
+Op = RateOp | GetOp
+
+
+class RateResult(NamedTuple):
+    allowed: bool
+    remaining: int
+    reset_after: float  # seconds
+    retry_after: float  # seconds; 0 when allowed
+    state: tuple[int, ...]  # the stored state after this call (for the stale mode)

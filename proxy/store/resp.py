@@ -1,0 +1,279 @@
+"""An auto-pipelining Redis client: the calls of every request in one event-loop turn go out in one write.
+
+Theory of operation
+- `submit(commands)` queues one request's commands as a *group* and returns a future for all their replies.
+  The first submit in a loop turn schedules `_flush` with call_soon; the flush writes every queued group in one
+  `transport.write` on one connection, registering each command's group in that connection's FIFO of pending
+  replies in the same synchronous step (nothing can reorder writes and registrations).
+- Replies are parsed by hiredis and handed to the pending groups in order. A group whose future is already done
+  (its request timed out or went away) still consumes its replies — they are dropped, never given to someone else.
+- Deadlines: one timer per batch, not one per request. When it fires, every group of the batch still waiting
+  fails with StoreUnavailable("timeout"). If the connection it was written to has sent no byte at all since the
+  batch went out, the connection is discarded: every group waiting on it fails with StoreUnavailable
+  ("unavailable"); nothing is retried (a retried INCR would count twice).
+- Connections are opened lazily up to `pool_size`; each is ready only after its handshake (AUTH, SELECT, PING)
+  answered within `connect_timeout`. A batch waits for a ready connection no longer than its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import ssl as ssl_module
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import hiredis
+
+from .errors import StoreUnavailable
+
+log = logging.getLogger("failgate.store")
+
+Command = Sequence[str | bytes | int]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str | None = None
+    port: int = 6379
+    path: str | None = None  # unix socket
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    ssl: ssl_module.SSLContext | None = None
+
+
+def _pack(commands: Sequence[Command]) -> bytes:
+    return b"".join(hiredis.pack_command(tuple(c)) for c in commands)  # type: ignore[arg-type]
+
+
+class _Group:
+    """One request's commands; resolves its future with the list of replies when the last one arrives."""
+
+    __slots__ = ("future", "needed", "replies")
+
+    def __init__(self, future: asyncio.Future[list[Any]], needed: int) -> None:
+        self.future = future
+        self.needed = needed
+        self.replies: list[Any] = []
+
+    def add(self, reply: Any) -> None:
+        self.replies.append(reply)
+        if len(self.replies) == self.needed and not self.future.done():
+            self.future.set_result(self.replies)
+
+    def fail(self, exc: StoreUnavailable) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+            # The awaiting request may already be gone; don't warn about a never-retrieved exception.
+            self.future.exception()
+
+
+class _Batch:
+    __slots__ = ("conn", "groups", "handle", "payload", "sent_at")
+
+    def __init__(self) -> None:
+        self.groups: list[_Group] = []
+        self.payload: list[bytes] = []
+        self.conn: _Connection | None = None
+        self.sent_at = 0.0
+        self.handle: asyncio.TimerHandle | None = None
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: PipelinedClient) -> None:
+        self.pool = pool
+        self.reader = hiredis.Reader()
+        self.pending: collections.deque[_Group] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.ready = False
+        self.closed = False
+        self.last_data = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.last_data = self.pool.loop.time()
+        self.reader.feed(data)
+        pending = self.pending
+        try:
+            while (reply := self.reader.gets()) is not False:
+                pending.popleft().add(reply)
+        except (hiredis.ProtocolError, IndexError) as exc:
+            self.discard(StoreUnavailable("unavailable", f"protocol error: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.discard(StoreUnavailable("unavailable", "connection lost"))
+
+    def write(self, groups: list[_Group], counts: list[int], payload: bytes) -> None:
+        pending = self.pending
+        for group, n in zip(groups, counts, strict=True):
+            for _ in range(n):
+                pending.append(group)
+        assert self.transport is not None
+        self.transport.write(payload)
+
+    def discard(self, exc: StoreUnavailable) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.ready = False
+        if self.transport is not None:
+            self.transport.abort()
+        while self.pending:
+            self.pending.popleft().fail(exc)
+        self.pool._forget(self)
+
+
+class PipelinedClient:
+    def __init__(self, endpoint: Endpoint, *, timeout: float, connect_timeout: float, pool_size: int) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.pool_size = pool_size
+        self.loop = asyncio.get_running_loop()
+        self._conns: list[_Connection] = []
+        self._connecting = 0
+        self._batch: _Batch | None = None  # being filled during this loop turn
+        self._waiting: collections.deque[_Batch] = collections.deque()  # flushed, but no connection was ready
+        self._rr = 0
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- the hot path ---------------------------------------------------------------------------------------
+    def submit(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
+        future: asyncio.Future[list[Any]] = self.loop.create_future()
+        if self._closed:
+            future.set_exception(StoreUnavailable("unavailable", "store client closed"))
+            return future
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch()
+            self.loop.call_soon(self._flush)
+            batch.handle = self.loop.call_at(self.loop.time() + self.timeout, self._expire, batch)
+        batch.groups.append(_Group(future, len(commands)))
+        batch.payload.append(_pack(commands))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        conn = self._pick()
+        if conn is None:
+            self._waiting.append(batch)
+            self._grow()
+            return
+        self._send(conn, batch)
+
+    def _send(self, conn: _Connection, batch: _Batch) -> None:
+        live = [(g, p) for g, p in zip(batch.groups, batch.payload, strict=True) if not g.future.done()]
+        if not live:
+            return
+        groups = [g for g, _ in live]
+        counts = [g.needed for g in groups]
+        batch.conn = conn
+        batch.sent_at = self.loop.time()
+        conn.write(groups, counts, b"".join(p for _, p in live))
+        if conn.pending and len(self._conns) + self._connecting < self.pool_size and len(conn.pending) > 64:
+            self._grow()
+
+    def _pick(self) -> _Connection | None:
+        ready = [c for c in self._conns if c.ready]
+        if not ready:
+            return None
+        # Round robin over ready connections, preferring one with nothing in flight.
+        for _ in range(len(ready)):
+            self._rr = (self._rr + 1) % len(ready)
+            c = ready[self._rr]
+            if not c.pending:
+                return c
+        return min(ready, key=lambda c: len(c.pending))
+
+    def _expire(self, batch: _Batch) -> None:
+        exc = StoreUnavailable("timeout", f"no answer within {self.timeout * 1000:g}ms")
+        for g in batch.groups:
+            g.fail(exc)
+        if batch in self._waiting:
+            self._waiting.remove(batch)
+        conn = batch.conn
+        if conn is not None and not conn.closed and conn.last_data < batch.sent_at:
+            log.warning("store connection gave no reply for %gms; discarding it", self.timeout * 1000)
+            conn.discard(StoreUnavailable("unavailable", "connection discarded: no reply"))
+
+    # --- connections ----------------------------------------------------------------------------------------
+    def _grow(self) -> None:
+        if self._closed or len(self._conns) + self._connecting >= self.pool_size or self._connecting:
+            return
+        self._connecting += 1
+        task = self.loop.create_task(self._connect())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self) -> None:
+        conn: _Connection | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                conn = await self._open()
+                await self._handshake(conn)
+        except (OSError, TimeoutError, StoreUnavailable, ssl_module.SSLError) as exc:
+            log.debug("store connect failed: %r", exc)
+            if conn is not None:
+                conn.discard(StoreUnavailable("unavailable", "handshake failed"))
+            self._connecting -= 1
+            self._fail_waiting(StoreUnavailable("unavailable", f"cannot connect: {exc!r}"))
+            return
+        self._connecting -= 1
+        if self._closed:
+            conn.discard(StoreUnavailable("unavailable", "store client closed"))
+            return
+        conn.ready = True
+        while self._waiting:
+            self._send(conn, self._waiting.popleft())
+
+    async def _open(self) -> _Connection:
+        ep = self.endpoint
+        conn = _Connection(self)
+        if ep.path is not None:
+            await self.loop.create_unix_connection(lambda: conn, ep.path)
+        else:
+            await self.loop.create_connection(lambda: conn, ep.host or "127.0.0.1", ep.port, ssl=ep.ssl)
+        self._conns.append(conn)
+        return conn
+
+    async def _handshake(self, conn: _Connection) -> None:
+        ep = self.endpoint
+        commands: list[Command] = []
+        if ep.password is not None:
+            commands.append(("AUTH", ep.username, ep.password) if ep.username else ("AUTH", ep.password))
+        if ep.db:
+            commands.append(("SELECT", ep.db))
+        commands.append(("PING",))
+        future: asyncio.Future[list[Any]] = self.loop.create_future()
+        group = _Group(future, len(commands))
+        conn.write([group], [len(commands)], _pack(commands))
+        replies = await future
+        for r in replies:
+            if isinstance(r, hiredis.ReplyError):
+                raise StoreUnavailable("unavailable", f"handshake refused: {r}")
+
+    def _fail_waiting(self, exc: StoreUnavailable) -> None:
+        while self._waiting:
+            for g in self._waiting.popleft().groups:
+                g.fail(exc)
+
+    def _forget(self, conn: _Connection) -> None:
+        if conn in self._conns:
+            self._conns.remove(conn)
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for conn in list(self._conns):
+            conn.discard(StoreUnavailable("unavailable", "store client closed"))
+        self._fail_waiting(StoreUnavailable("unavailable", "store client closed"))

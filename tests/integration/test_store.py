@@ -1,0 +1,299 @@
+"""The store boundary against a real redis-server and the embedded store: the same cases run against both."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.checks import algorithms
+from proxy.store import GetOp, RateOp, StoreUnavailable
+from proxy.store.memory import MemoryStore
+from proxy.store.redis import RedisStore
+from tests.faultproxy import FaultProxy
+from tests.redis_server import RedisServer
+
+S = 1_000_000  # µs
+T0 = 1_800_000_000 * S  # an aligned instant (a multiple of every window used below)
+
+
+def redis_store(url: str, timeout: float = 0.5, pool_size: int = 4) -> RedisStore:
+    return RedisStore(url, timeout=timeout, connect_timeout=0.5, pool_size=pool_size)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[MemoryStore | RedisStore]:
+    if request.param == "memory":
+        s: MemoryStore | RedisStore = MemoryStore()
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        s = redis_store(server.url)
+    yield s
+    await s.close()
+
+
+async def admit(store, op: RateOp) -> tuple:  # type: ignore[no-untyped-def,type-arg]
+    (r,) = await store.execute([op])
+    return r
+
+
+async def test_fixed_window_admits_exactly_limit_per_aligned_window(store) -> None:  # type: ignore[no-untyped-def]
+    op = RateOp("fixed_window", "t:fw", limit=3, window=10 * S, burst=3)
+    results = [await admit(store, RateOp(**{**_fields(op), "now": T0 + i * S})) for i in range(4)]
+    assert [r.allowed for r in results] == [True, True, True, False]
+    assert [r.remaining for r in results] == [2, 1, 0, 0]
+    assert results[3].retry_after == 7.0 and results[3].reset_after == 7.0
+    # the last microsecond of the window is still in it; the next window starts fresh
+    assert not (await admit(store, RateOp(**{**_fields(op), "now": T0 + 10 * S - 1}))).allowed
+    r = await admit(store, RateOp(**{**_fields(op), "now": T0 + 10 * S}))
+    assert r.allowed and r.remaining == 2 and r.reset_after == 10.0
+
+
+async def test_sliding_window_weights_the_previous_window(store) -> None:  # type: ignore[no-untyped-def]
+    base = {"algorithm": "sliding_window", "key": "t:sw", "limit": 10, "window": 10 * S, "burst": 10}
+    for i in range(10):
+        assert (await admit(store, RateOp(**base, now=T0 + i))).allowed
+    r = await admit(store, RateOp(**base, now=T0 + 5 * S))
+    assert not r.allowed
+    # this window alone is full: wait 5 s for it to end, then 1 s more until its 10 weigh at most 9
+    assert r.retry_after == 6.0
+    expected = algorithms.sliding_window((T0 // (10 * S), 10, 0), T0 + 5 * S, 10, 10 * S)
+    assert r.retry_after == expected.retry_after / 1e6
+    # half way through the next window, the previous 10 weigh 5: five more fit, the sixth does not
+    mid = T0 + 15 * S
+    allowed = [(await admit(store, RateOp(**base, now=mid + i))).allowed for i in range(6)]
+    assert allowed == [True] * 5 + [False]
+    # two windows later nothing of it is left
+    r = await admit(store, RateOp(**base, now=T0 + 30 * S))
+    assert r.allowed and r.remaining == 9
+
+
+async def test_gcra_allows_the_burst_then_one_per_interval(store) -> None:  # type: ignore[no-untyped-def]
+    base = {"algorithm": "gcra", "key": "t:gcra", "limit": 10, "window": S, "burst": 5}
+    rs = [await admit(store, RateOp(**base, now=T0)) for _ in range(6)]
+    assert [r.allowed for r in rs] == [True] * 5 + [False]
+    assert [r.remaining for r in rs[:5]] == [4, 3, 2, 1, 0]
+    assert rs[5].retry_after == 0.1
+    assert not (await admit(store, RateOp(**base, now=T0 + 100_000 - 1))).allowed
+    r = await admit(store, RateOp(**base, now=T0 + 100_000))
+    assert r.allowed and r.remaining == 0
+
+
+async def test_keys_are_isolated(store) -> None:  # type: ignore[no-untyped-def]
+    a = RateOp("fixed_window", "t:a", limit=1, window=10 * S, burst=1, now=T0)
+    b = RateOp("fixed_window", "t:b", limit=1, window=10 * S, burst=1, now=T0)
+    assert (await admit(store, a)).allowed
+    assert not (await admit(store, a)).allowed
+    assert (await admit(store, b)).allowed
+
+
+@pytest.mark.parametrize("algorithm", ["fixed_window", "sliding_window", "gcra"])
+async def test_redis_and_memory_give_identical_answers(redis_server: RedisServer, algorithm: str) -> None:
+    rnd = random.Random(algorithm)
+    mem, red = MemoryStore(), redis_store(redis_server.url)
+    try:
+        now = T0 + rnd.randrange(10 * S)
+        for _ in range(400):
+            now += rnd.choice([0, 1, 997, 50_000, 333_333, 2 * S])
+            op = RateOp(algorithm, f"t:same:{algorithm}", limit=7, window=3 * S, burst=4, now=now)
+            m, r = await admit(mem, op), await admit(red, op)
+            assert m == r, (now, m, r)
+    finally:
+        await red.close()
+
+
+async def test_one_request_several_operations_one_round_trip(redis_server: RedisServer) -> None:
+    redis_server.command("SET", "t:rec", "hello")
+    s = redis_store(redis_server.url)
+    try:
+        got = await s.execute([GetOp("t:rec"), GetOp("t:missing"),
+                               RateOp("gcra", "t:g", limit=1, window=S, burst=1, now=T0)])
+        assert got[0] == b"hello" and got[1] is None and got[2].allowed
+    finally:
+        await s.close()
+
+
+async def test_scripts_are_reloaded_after_script_flush(redis_server: RedisServer) -> None:
+    s = redis_store(redis_server.url)
+    try:
+        op = RateOp("fixed_window", "t:flush", limit=5, window=10 * S, burst=5, now=T0)
+        assert (await admit(s, op)).remaining == 4
+        assert redis_server.command("SCRIPT", "FLUSH") == b"+OK\r\n"
+        assert (await admit(s, op)).remaining == 3  # counted exactly once despite the NOSCRIPT round
+        assert (await admit(s, op)).remaining == 2
+    finally:
+        await s.close()
+
+
+async def test_an_error_reply_is_reason_error_and_not_a_transport_failure(redis_server: RedisServer) -> None:
+    redis_server.command("SET", "t:str", "not a hash")
+    s = redis_store(redis_server.url)
+    try:
+        with pytest.raises(StoreUnavailable) as exc:
+            await s.execute([RateOp("fixed_window", "t:str", limit=1, window=S, burst=1)])
+        assert exc.value.reason == "error" and exc.value.transport is False
+    finally:
+        await s.close()
+
+
+async def test_refused_connection_is_unavailable_at_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.helpers import free_port
+
+    s = redis_store(f"redis://127.0.0.1:{free_port()}/0", timeout=5.0)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(StoreUnavailable) as exc:
+            await s.execute([GetOp("x")])
+        assert exc.value.reason == "unavailable"
+        assert loop.time() - started < 2.5  # did not wait for the 5 s timeout
+    finally:
+        await s.close()
+
+
+async def test_redis_restarted_mid_run_recovers(redis_server: RedisServer) -> None:
+    s = redis_store(redis_server.url)
+    try:
+        redis_server.command("SET", "t:k", "v1")
+        assert await s.execute([GetOp("t:k")]) == [b"v1"]
+        redis_server.restart()
+        redis_server.command("SET", "t:k", "v2")
+        outcomes = []
+        for _ in range(20):
+            try:
+                outcomes.append(await s.execute([GetOp("t:k")]))
+            except StoreUnavailable as exc:
+                outcomes.append(exc.reason)
+            if outcomes[-1] == [b"v2"]:
+                break
+            await asyncio.sleep(0.05)
+        assert outcomes[-1] == [b"v2"]
+        assert all(o in ("unavailable", [b"v2"]) for o in outcomes)
+    finally:
+        await s.close()
+
+
+async def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(redis_server: RedisServer) -> None:
+    n = 500
+    for i in range(0, n, 100):
+        redis_server.command("MSET", *[x for j in range(i, i + 100) for x in (f"t:v{j}", f"value-{j}")])
+    s = redis_store(redis_server.url, pool_size=2)
+    try:
+        await s.execute([GetOp("warm-up")])
+        writes = 0
+        original = s.client._send
+
+        def counting_send(conn, batch):  # type: ignore[no-untyped-def]
+            nonlocal writes
+            writes += 1
+            original(conn, batch)
+
+        s.client._send = counting_send  # type: ignore[method-assign]
+        results = await asyncio.gather(*(s.execute([GetOp(f"t:v{i}")]) for i in range(n)))
+        assert results == [[f"value-{i}".encode()] for i in range(n)]
+        assert writes == 1  # 500 requests in one loop turn: one write
+    finally:
+        await s.close()
+
+
+async def test_sigstop_mid_traffic_then_every_later_answer_is_right(redis_server: RedisServer) -> None:
+    n = 200
+    redis_server.command("MSET", *[x for j in range(n) for x in (f"t:p{j}", f"pv-{j}")])
+    s = redis_store(redis_server.url, timeout=0.2, pool_size=2)
+    try:
+        stop_at = asyncio.get_running_loop().time() + 0.3
+        outcomes: list[str] = []
+
+        async def traffic(worker: int) -> None:
+            i = worker
+            loop = asyncio.get_running_loop()
+            while loop.time() < stop_at + 1.2:
+                key = i % n
+                try:
+                    got = await s.execute([GetOp(f"t:p{key}"), RateOp("fixed_window", f"t:c{key}", 10**9, 60 * S, 1)])
+                    assert got[0] == f"pv-{key}".encode(), (key, got)
+                    outcomes.append("ok")
+                except StoreUnavailable as exc:
+                    outcomes.append(exc.reason)
+                i += 17
+                await asyncio.sleep(0.005)
+
+        async def outage() -> None:
+            await asyncio.sleep(0.3)
+            redis_server.pause()
+            await asyncio.sleep(0.6)
+            redis_server.resume()
+
+        await asyncio.gather(outage(), *(traffic(w) for w in range(20)))
+        assert "timeout" in outcomes  # the outage was seen
+        assert outcomes[-50:] == ["ok"] * 50  # and every answer after it was the right one
+        # after recovery: a fresh round, each answer for its own key
+        got = await asyncio.gather(*(s.execute([GetOp(f"t:p{i}")]) for i in range(n)))
+        assert got == [[f"pv-{i}".encode()] for i in range(n)]
+    finally:
+        await s.close()
+
+
+async def test_a_late_reply_is_dropped_and_the_connection_kept(redis_server: RedisServer,
+                                                                fault_proxy: FaultProxy) -> None:
+    for k in "abc":
+        redis_server.command("SET", f"t:{k}", k)
+    s = redis_store(fault_proxy.url, timeout=0.4, pool_size=1)
+    try:
+        await s.execute([GetOp("t:a")])
+        conn = s.client._conns[0]
+        # Replies are held 0.3 s each, one after the other: A's comes at 0.3 s (in time), B's, sent at 0.15 s,
+        # at 0.6 s — after B's deadline (0.55 s). The connection did answer meanwhile, so it is kept.
+        fault_proxy.set("delay_replies", 0.3)
+        a = asyncio.ensure_future(s.execute([GetOp("t:a")]))
+        await asyncio.sleep(0.15)
+        b = asyncio.ensure_future(s.execute([GetOp("t:b")]))
+        assert await a == [b"a"]
+        with pytest.raises(StoreUnavailable) as exc:
+            await b
+        assert exc.value.reason == "timeout"
+        fault_proxy.set("pass")
+        await asyncio.sleep(0.1)  # B's late reply arrives and is dropped
+        assert await s.execute([GetOp("t:c")]) == [b"c"]  # C gets C's answer, not B's
+        assert s.client._conns == [conn] and fault_proxy.connections == 1
+    finally:
+        await s.close()
+
+
+async def test_a_connection_silent_for_the_whole_timeout_is_discarded(redis_server: RedisServer,
+                                                                       fault_proxy: FaultProxy) -> None:
+    redis_server.command("SET", "t:z", "z")
+    s = redis_store(fault_proxy.url, timeout=0.15, pool_size=1)
+    try:
+        assert await s.execute([GetOp("t:z")]) == [b"z"]
+        first = s.client._conns[0]
+        fault_proxy.set("blackhole")
+        results = await asyncio.gather(*(s.execute([GetOp("t:z")]) for _ in range(10)), return_exceptions=True)
+        assert all(isinstance(r, StoreUnavailable) and r.reason == "timeout" for r in results)
+        assert first.closed and first not in s.client._conns
+        fault_proxy.set("pass")
+        assert await s.execute([GetOp("t:z")]) == [b"z"]
+        assert fault_proxy.connections == 2
+    finally:
+        await s.close()
+
+
+async def test_slower_than_timeout_is_timeout_and_faster_is_fine(redis_server: RedisServer,
+                                                                 fault_proxy: FaultProxy) -> None:
+    redis_server.command("SET", "t:s", "s")
+    s = redis_store(fault_proxy.url, timeout=0.2, pool_size=1)
+    try:
+        fault_proxy.set("delay", 0.03)
+        assert await s.execute([GetOp("t:s")]) == [b"s"]
+        fault_proxy.set("delay", 0.3)
+        with pytest.raises(StoreUnavailable) as exc:
+            await s.execute([GetOp("t:s")])
+        assert exc.value.reason == "timeout"
+    finally:
+        await s.close()
+
+
+def _fields(op: RateOp) -> dict:  # type: ignore[type-arg]
+    return {f: getattr(op, f) for f in ("algorithm", "key", "limit", "window", "burst")}
