@@ -1,4 +1,4 @@
-"""The request pipeline, in one place: target -> route -> checks -> forward (SPEC §2, §7).
+"""The request pipeline, in one place: target -> route -> checks (auth, then rate_limit) -> forward.
 
 `Runtime` is one compiled config. The handler reads the current runtime once per request, so a reload (an
 atomic swap of `Proxy.runtime`) never changes the config under a request in flight.
@@ -7,22 +7,24 @@ atomic swap of `Proxy.runtime`) never changes the config under a request in flig
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import re
 import time
 from dataclasses import dataclass
 
 from aiohttp import web
-from multidict import CIMultiDict
 
+from .checks.local import LocalLimiter
+from .checks.ratelimit import RateLimitCheck
 from .config import ConfigError, LoadedConfig
-from .forward import HOP_BY_HOP, ClientGone, Outgoing, UpstreamClient, UpstreamFailed, connection_tokens
-from .observe.metrics import RouteMetrics
+from .config.validate import resolve_workers
+from .decision import Verdict
+from .failmode import closed, rate_limit_open, rate_limit_stale
+from .forward import HOP_BY_HOP, ClientGone, Outgoing, UpstreamClient, UpstreamFailed, upstream_headers
+from .observe.metrics import RouteMetrics, StoreMetrics
 from .responses import error_response
 from .routing import BadTarget, Router, compile_match, host_of, parse_target
-
-log = logging.getLogger("failgate.app")
+from .store import Store, StoreUnavailable
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
 # Failgate's own identity headers: a client must never be able to send them upstream (SPEC §5).
@@ -37,6 +39,7 @@ class Route:
     strip: int  # characters of the matched prefix to remove; 0 when strip_prefix is off
     preserve_host: bool
     metrics: RouteMetrics
+    rate_limit: RateLimitCheck | None
 
 
 ROUTE: web.RequestKey[Route] = web.RequestKey("route", Route)
@@ -45,22 +48,31 @@ ROUTE: web.RequestKey[Route] = web.RequestKey("route", Route)
 class Runtime:
     """A compiled config: the router, its routes and upstream clients, and the per-request settings."""
 
-    def __init__(self, loaded: LoadedConfig, *, enforce_checks: bool = True) -> None:
+    def __init__(self, loaded: LoadedConfig, store: Store, *, workers: int | None = None,
+                 local: LocalLimiter | None = None) -> None:
         cfg = loaded.config
         self.loaded = loaded
-        if enforce_checks:
-            refuse_unbuilt_checks(loaded)
+        refuse_unbuilt_checks(loaded)
+        self.store = store
+        self.local = local or LocalLimiter()
+        self.store_metrics = StoreMetrics()
+        workers = workers or resolve_workers(cfg.workers)
         self.upstreams = {name: UpstreamClient(name, up) for name, up in cfg.upstreams.items()}
         entries = []
         for r in cfg.routes:
             m = compile_match(r.match.path, r.match.prefix, r.match.methods, r.match.host)
             strip = len(m.path) if r.strip_prefix and m.path != "/" else 0
+            rl = None
+            if r.rate_limit is not None:
+                rl = RateLimitCheck(r.name, r.rate_limit, key_prefix=cfg.store.key_prefix, workers=workers)
             route = Route(r.name, self.upstreams[r.upstream], strip, cfg.upstreams[r.upstream].preserve_host,
-                          RouteMetrics(r.name))
+                          RouteMetrics(r.name), rl)
             entries.append((m, route))
         self.router: Router = Router(entries)
         self.trusted = [ipaddress.ip_network(c, strict=False) for c in cfg.trusted_proxies]
         self.request_id_header = cfg.headers.request_id
+        self.degraded_header = cfg.headers.degraded
+        self.retry_after = cfg.store.breaker.open_for
         self.max_body = cfg.limits.max_body
         self.strip = frozenset(
             [cfg.headers.degraded.lower(), *_OWN, "host", "x-forwarded-proto", "x-forwarded-host",
@@ -95,11 +107,10 @@ class Runtime:
 def refuse_unbuilt_checks(loaded: LoadedConfig) -> None:
     """Running a config whose checks this build cannot enforce would let every request through unchecked."""
     for i, r in enumerate(loaded.config.routes):
-        for check in ("auth", "rate_limit"):
-            if getattr(r, check) is not None:
-                raise ConfigError(loaded.source, f"routes[{i}].{check}",
-                                  f"{check} checks are not enforced by this build of Failgate yet; refusing to "
-                                  "run a route whose check would be silently skipped")
+        if r.auth is not None:
+            raise ConfigError(loaded.source, f"routes[{i}].auth",
+                              "auth checks are not enforced by this build of Failgate yet; refusing to run a "
+                              "route whose check would be silently skipped")
 
 
 class Proxy:
@@ -121,7 +132,7 @@ class Proxy:
         except UpstreamFailed as exc:
             route = request.get(ROUTE)
             resp = error_response(exc.status, exc.detail, route=route.name if route else None, request_id=rid,
-                                  request_id_header=rid_header)
+                                  request_id_header=rid_header, headers=exc.headers)
             if exc.status == 413:
                 resp.force_close()  # don't read the rest of an oversized body
         except ClientGone as gone:
@@ -165,40 +176,57 @@ class Proxy:
             resp.force_close()
             return resp
 
-        # -- checks (auth, then rate_limit) go here, in this order, once they exist --
+        # --- checks: auth first, then rate_limit; the first deny is the response ---
+        reply: list[tuple[str, str]] = [(rid_header, rid)]
+        degraded: list[Verdict] = []
+        if route.rate_limit is not None:
+            client = rt.client_address(request.remote, headers.getall("X-Forwarded-For", []))
+            verdict = await self._rate_limit(rt, route, route.rate_limit, client, headers)
+            route.metrics.decided(verdict)
+            reply.extend(verdict.headers)
+            if verdict.degraded:
+                degraded.append(verdict)
+            if not verdict.allow:
+                extra = dict(verdict.headers)
+                if degraded:
+                    extra[rt.degraded_header] = ", ".join(v.tag() for v in degraded)
+                return error_response(verdict.status, verdict.detail, route=route.name, request_id=rid,
+                                      request_id_header=rid_header, code=verdict.code, headers=extra)
+        tag = ", ".join(v.tag() for v in degraded) if degraded else None
+        if tag is not None:
+            reply.append((rt.degraded_header, tag))
 
-        out = self._outgoing(request, rt, route, target.path, target.query, rid, method)
+        out_headers = upstream_headers(request, rt.strip, rt.own, route.upstream.host_header, route.preserve_host,
+                                       self._proto, rt.request_id_header, rid)
+        if tag is not None:
+            out_headers[rt.degraded_header] = tag
+        path = target.path
+        if route.strip:
+            path = path[route.strip:] or "/"
+        out = Outgoing(method, f"{path}?{target.query}" if target.query else path, out_headers, rt.max_body, reply)
         if headers.get("Expect", "").lower() == "100-continue":
             # The checks passed: now the client may send its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await route.upstream.forward(request, out)
 
-    def _outgoing(self, request: web.BaseRequest, rt: Runtime, route: Route, path: str, query: str,
-                  rid: str, method: str) -> Outgoing:
-        src = request.headers
-        drop = rt.strip
-        tokens = connection_tokens(src)
-        if tokens:
-            drop = drop | tokens
-        own = rt.own
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in src.items():
-            low = name.lower()
-            if low in drop or ("_" in low and low.replace("_", "-") in own):
-                continue
-            out.add(name, value)
-        peer = request.remote
-        xff = src.getall("X-Forwarded-For", [])
-        out["X-Forwarded-For"] = ", ".join([*xff, peer]) if xff and peer else (peer or "")
-        out["X-Forwarded-Proto"] = self._proto
-        client_host = src.get("Host")
-        if client_host is not None:
-            out["X-Forwarded-Host"] = client_host
-        out[rt.request_id_header] = rid
-        out["Host"] = (client_host or route.upstream.host_header) if route.preserve_host \
-            else route.upstream.host_header
-        if route.strip:
-            path = path[route.strip:] or "/"
-            if not path.startswith("/"):
-                path = "/" + path
-        return Outgoing(method, f"{path}?{query}" if query else path, out, rt.max_body, rt.request_id_header, rid)
+    @staticmethod
+    async def _rate_limit(rt: Runtime, route: Route, check: RateLimitCheck, client: str, headers: object) -> Verdict:
+        key = check.key(client, headers, None)
+        mode = check.cfg.on_store_error
+        started = time.perf_counter()
+        try:
+            (result,) = await rt.store.execute([check.op(key)])
+        except StoreUnavailable as exc:
+            rt.store_metrics.observe(exc.reason, time.perf_counter() - started)
+            if mode == "open":
+                return rate_limit_open(exc.reason)
+            if mode == "closed":
+                return closed("rate_limit", exc.reason, status=check.cfg.status_on_error, retry_after=rt.retry_after)
+            outcome, age = rt.local.decide(key, check.algorithm, check.limit, check.window, check.burst,
+                                           check.local_share, int(time.time() * 1_000_000))
+            return rate_limit_stale(exc.reason, outcome, route=route.name, policy=check.policy, limit=check.limit,
+                                    age=age)
+        rt.store_metrics.observe("ok", time.perf_counter() - started)
+        if mode == "stale":
+            rt.local.remember(key, result.state, time.time())
+        return check.verdict(result)

@@ -68,10 +68,9 @@ def warnings(loaded: LoadedConfig) -> list[str]:
         if r.auth is not None and r.auth.on_store_error == "stale" and r.auth.stale_fallback == "open":
             out.append(f"routes[{i}].auth ({r.name}): stale_fallback open lets credentials never seen before "
                        "through unauthenticated while the store cannot answer")
-        for check in ("auth", "rate_limit"):
-            if getattr(r, check) is not None:
-                out.append(f"routes[{i}].{check} ({r.name}): this build does not enforce {check} checks yet; "
-                           "`failgate run` refuses this config")
+        if r.auth is not None:
+            out.append(f"routes[{i}].auth ({r.name}): this build does not enforce auth checks yet; "
+                       "`failgate run` refuses this config")
     return out
 
 

@@ -32,12 +32,13 @@ _CHUNK = 1 << 16
 
 
 class UpstreamFailed(Exception):
-    """Raised before any response byte was sent: answer with `status`."""
+    """Raised before any response byte was sent: answer with `status` (and the check headers already decided)."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, headers: list[tuple[str, str]] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = dict(headers or ())
 
 
 class BodyTooLarge(Exception):
@@ -60,8 +61,7 @@ class Outgoing:
     path_qs: str  # normalized path (after strip_prefix) + "?" + raw query
     headers: CIMultiDict[str]
     max_body: int
-    request_id_header: str
-    request_id: str
+    reply_headers: list[tuple[str, str]]  # added to the response: request id, RateLimit fields, degraded tag
 
 
 class UpstreamClient:
@@ -113,7 +113,7 @@ class UpstreamClient:
         if request.body_exists:
             length = request.content_length
             if length is not None and length > out.max_body:
-                raise UpstreamFailed(413, f"the request body is larger than {out.max_body} bytes")
+                raise UpstreamFailed(413, f"the request body is larger than {out.max_body} bytes", out.reply_headers)
 
             async def body() -> AsyncIterator[bytes]:
                 nonlocal too_large
@@ -142,26 +142,28 @@ class UpstreamClient:
                 )
         # aiohttp's timeout errors subclass TimeoutError, so they come first.
         except aiohttp.ConnectionTimeoutError:
-            raise self._failed(too_large, 502, "could not connect to the upstream in time") from None
+            raise self._failed(too_large, 502, "could not connect to the upstream in time", out) from None
         except (aiohttp.SocketTimeoutError, TimeoutError):
-            raise self._failed(too_large, 504, "the upstream did not answer in time") from None
+            raise self._failed(too_large, 504, "the upstream did not answer in time", out) from None
         except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
             log.debug("upstream %s failed: %r", self.name, exc)
-            raise self._failed(too_large, 502, "the upstream could not be reached") from None
+            raise self._failed(too_large, 502, "the upstream could not be reached", out) from None
         self._duration.observe(time.perf_counter() - started)
         return await self._relay(request, upstream, out)
 
-    def _failed(self, too_large: bool, status: int, detail: str) -> UpstreamFailed:
+    def _failed(self, too_large: bool, status: int, detail: str, out: Outgoing) -> UpstreamFailed:
         if too_large:
-            return UpstreamFailed(413, "the request body is larger than limits.max_body")
-        return UpstreamFailed(status, detail)
+            return UpstreamFailed(413, "the request body is larger than limits.max_body", out.reply_headers)
+        return UpstreamFailed(status, detail, out.reply_headers)
 
     async def _relay(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, out: Outgoing
     ) -> web.StreamResponse:
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        copy_response_headers(upstream.headers, resp.headers)
-        resp.headers[out.request_id_header] = out.request_id
+        headers = resp.headers
+        copy_response_headers(upstream.headers, headers)
+        for name, value in out.reply_headers:
+            headers[name] = value
         try:
             await resp.prepare(request)
             content = upstream.content
@@ -185,6 +187,31 @@ class UpstreamClient:
         else:
             upstream.release()
         return resp
+
+
+def upstream_headers(request: web.BaseRequest, strip: frozenset[str], own: frozenset[str], upstream_host: str,
+                     preserve_host: bool, proto: str, request_id_header: str, request_id: str) -> CIMultiDict[str]:
+    """The request headers to send upstream (SPEC §5, §7): hop-by-hop and `Connection`-named headers and any
+    client copy of Failgate's own headers removed; X-Forwarded-* and the request id set."""
+    src = request.headers
+    tokens = connection_tokens(src)
+    drop = strip | tokens if tokens else strip
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in src.items():
+        low = name.lower()
+        if low in drop or ("_" in low and low.replace("_", "-") in own):
+            continue
+        out.add(name, value)
+    peer = request.remote
+    xff = src.getall("X-Forwarded-For", [])
+    out["X-Forwarded-For"] = ", ".join([*xff, peer]) if xff and peer else (peer or "")
+    out["X-Forwarded-Proto"] = proto
+    client_host = src.get("Host")
+    if client_host is not None:
+        out["X-Forwarded-Host"] = client_host
+    out[request_id_header] = request_id
+    out["Host"] = (client_host or upstream_host) if preserve_host else upstream_host
+    return out
 
 
 def copy_response_headers(src: CIMultiDictProxy[str], dst: CIMultiDict[str]) -> None:

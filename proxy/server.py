@@ -19,13 +19,17 @@ import ssl
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
 
 from .config import LoadedConfig, load_text
 from .config.validate import resolve_workers
+
+if TYPE_CHECKING:
+    from .app import Runtime
+    from .store import Store
 
 log = logging.getLogger("failgate.server")
 
@@ -36,20 +40,26 @@ _decode = msgspec.json.Decoder().decode
 class Serving:
     """What one serving process owns: the compiled config and the proxy listener."""
 
-    def __init__(self, loaded: LoadedConfig, *, reuse_port: bool) -> None:
-        from .app import Proxy, Runtime
+    def __init__(self, loaded: LoadedConfig, *, reuse_port: bool, workers: int = 1) -> None:
+        from .app import refuse_unbuilt_checks
 
-        cfg = loaded.config
+        refuse_unbuilt_checks(loaded)
         self.loaded = loaded
-        self.runtime = Runtime(loaded)
-        self.proxy = Proxy(self.runtime, tls=cfg.listen.tls is not None)
+        self.workers = workers
         self._reuse_port = reuse_port
         self._runner: web.ServerRunner | None = None
+        self.runtime: Runtime | None = None
+        self.store: Store | None = None
 
     async def start(self) -> None:
+        from .app import Proxy, Runtime
         from .listener import ProxyServer
+        from .store import open_store
 
         cfg = self.loaded.config
+        self.store = open_store(cfg.store)
+        self.runtime = Runtime(self.loaded, self.store, workers=self.workers)
+        self.proxy = Proxy(self.runtime, tls=cfg.listen.tls is not None)
         access_log: Any = None
         if cfg.access_log:
             from .observe.accesslog import JsonAccessLogger, access_logger
@@ -76,7 +86,10 @@ class Serving:
         """Stop accepting, let requests in flight finish within shutdown_grace, close the upstream pools."""
         if self._runner is not None:
             await self._runner.cleanup()
-        await self.runtime.close()
+        if self.runtime is not None:
+            await self.runtime.close()
+        if self.store is not None:
+            await self.store.close()
 
 
 def _install_stop_signals(stop: asyncio.Event, signals: tuple[int, ...]) -> None:
@@ -139,7 +152,7 @@ async def worker_main() -> None:
         return
     msg = _decode(first)
     loaded = load_text(msg["text"], msg["source"])
-    serving = Serving(loaded, reuse_port=True)
+    serving = Serving(loaded, reuse_port=True, workers=int(msg.get("workers", 1)))
     await serving.start()
     send({"event": "ready", "pid": os.getpid(), "sha256": loaded.sha256})
 
@@ -201,8 +214,8 @@ class Supervisor:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )
         assert w.proc.stdin is not None
-        w.proc.stdin.write(_encode({"op": "start", "source": self.loaded.source, "text": self.loaded.text})
-                           + b"\n")
+        start = {"op": "start", "source": self.loaded.source, "text": self.loaded.text, "workers": len(self.workers)}
+        w.proc.stdin.write(_encode(start) + b"\n")
         await w.proc.stdin.drain()
         w.listener = asyncio.create_task(self._listen(w, w.proc))
 

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
+import uvloop
 
 from tests.faultproxy import FaultProxy
 from tests.helpers import Upstream
 from tests.redis_server import RedisServer
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Async tests run on uvloop, like the proxy does in production."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

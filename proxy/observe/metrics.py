@@ -7,9 +7,13 @@ must be set before this module is imported) and the parent aggregates them for `
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess as _mp
+
+if TYPE_CHECKING:
+    from ..decision import Verdict
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -26,6 +30,19 @@ REQUEST_DURATION = Histogram(
 UPSTREAM_DURATION = Histogram(
     "failgate_upstream_duration_seconds", "Time from sending a request upstream to its response headers",
     ["upstream"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+
+DECISIONS = Counter(
+    "failgate_decisions_total", "Check verdicts; basis says whether the store answered (checked) or which fail mode "
+    "decided", ["route", "check", "decision", "basis"], registry=REGISTRY,
+)
+STORE_OPERATIONS = Counter(
+    "failgate_store_operations_total", "Store round trips by result", ["result"], registry=REGISTRY,
+)
+STORE_DURATION = Histogram(
+    "failgate_store_duration_seconds", "Time one request waited for the store, all its checks together",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    registry=REGISTRY,
 )
 
 
@@ -52,15 +69,38 @@ def mark_dead(pid: int) -> None:
 class RouteMetrics:
     """A route's labelled children, resolved once at config load so the hot path does no label lookups."""
 
-    __slots__ = ("_by_status", "_name", "duration")
+    __slots__ = ("_by_status", "_decisions", "_name", "duration")
 
     def __init__(self, route: str) -> None:
         self._name = route
         self._by_status: dict[int, Counter] = {}
+        self._decisions: dict[tuple[str, bool, str], Counter] = {}
         self.duration = REQUEST_DURATION.labels(route)
+
+    def decided(self, verdict: Verdict) -> None:
+        key = (verdict.check, verdict.allow, verdict.basis)
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = DECISIONS.labels(
+                self._name, verdict.check, "allow" if verdict.allow else "deny", verdict.basis)
+        child.inc()
 
     def count(self, status: int) -> None:
         child = self._by_status.get(status)
         if child is None:
             child = self._by_status[status] = REQUESTS.labels(self._name, str(status))
         child.inc()
+
+
+class StoreMetrics:
+    """Store round-trip results, children resolved once."""
+
+    __slots__ = ("_by_result",)
+
+    def __init__(self) -> None:
+        self._by_result = {r: STORE_OPERATIONS.labels(r)
+                           for r in ("ok", "timeout", "unavailable", "error", "breaker_open")}
+
+    def observe(self, result: str, seconds: float) -> None:
+        self._by_result[result].inc()
+        STORE_DURATION.observe(seconds)

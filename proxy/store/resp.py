@@ -72,13 +72,13 @@ class _Group:
 
 
 class _Batch:
-    __slots__ = ("conn", "groups", "handle", "payload", "sent_at")
+    __slots__ = ("conn", "groups", "handle", "payload", "seen_at_send")
 
     def __init__(self) -> None:
         self.groups: list[_Group] = []
         self.payload: list[bytes] = []
         self.conn: _Connection | None = None
-        self.sent_at = 0.0
+        self.seen_at_send = 0  # the connection's `received` count when this batch was written
         self.handle: asyncio.TimerHandle | None = None
 
 
@@ -90,14 +90,13 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.ready = False
         self.closed = False
-        self.last_data = 0.0
+        self.received = 0  # data_received calls so far: "has it said anything since?" without clock resolution
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports aren't asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
-        self.last_data = self.pool.loop.time()
+        self.received += 1
         self.reader.feed(data)
         pending = self.pending
         try:
@@ -177,7 +176,7 @@ class PipelinedClient:
         groups = [g for g, _ in live]
         counts = [g.needed for g in groups]
         batch.conn = conn
-        batch.sent_at = self.loop.time()
+        batch.seen_at_send = conn.received
         conn.write(groups, counts, b"".join(p for _, p in live))
         if conn.pending and len(self._conns) + self._connecting < self.pool_size and len(conn.pending) > 64:
             self._grow()
@@ -201,7 +200,7 @@ class PipelinedClient:
         if batch in self._waiting:
             self._waiting.remove(batch)
         conn = batch.conn
-        if conn is not None and not conn.closed and conn.last_data < batch.sent_at:
+        if conn is not None and not conn.closed and conn.received == batch.seen_at_send:
             log.warning("store connection gave no reply for %gms; discarding it", self.timeout * 1000)
             conn.discard(StoreUnavailable("unavailable", "connection discarded: no reply"))
 
@@ -220,14 +219,17 @@ class PipelinedClient:
             async with asyncio.timeout(self.connect_timeout):
                 conn = await self._open()
                 await self._handshake(conn)
-        except (OSError, TimeoutError, StoreUnavailable, ssl_module.SSLError) as exc:
-            log.debug("store connect failed: %r", exc)
+        except Exception as exc:  # the boundary: whatever went wrong, it is "unavailable", never a wedged pool
+            if isinstance(exc, (OSError, TimeoutError, StoreUnavailable, ssl_module.SSLError)):
+                log.debug("store connect failed: %r", exc)
+            else:
+                log.exception("store connect failed unexpectedly")
             if conn is not None:
                 conn.discard(StoreUnavailable("unavailable", "handshake failed"))
-            self._connecting -= 1
             self._fail_waiting(StoreUnavailable("unavailable", f"cannot connect: {exc!r}"))
             return
-        self._connecting -= 1
+        finally:
+            self._connecting -= 1
         if self._closed:
             conn.discard(StoreUnavailable("unavailable", "store client closed"))
             return

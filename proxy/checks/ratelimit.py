@@ -1,0 +1,81 @@
+"""The rate_limit check: request facts in, one store operation out, the store's answer turned into a Verdict.
+
+Keys (SPEC §7): `<prefix>rl:{<route>:<subject>}:<algorithm>:<window ms>`, where the subject is a hash of the
+client's address (IPv6 per /64), of a header's value, of the principal, or the route itself. Client input never
+appears in a key; the algorithm and window are part of it, so a changed limit never reads an incompatible value;
+the braces are a hash tag that keeps a check's keys in one cluster slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+
+from ..config.schema import RateLimit
+from ..decision import Verdict
+from ..store.ops import RateOp, RateResult
+
+
+def subject_hash(value: str) -> str:
+    return hashlib.blake2b(value.encode("utf-8", "surrogateescape"), digest_size=12).hexdigest()
+
+
+def client_subject(address: str) -> str:
+    """IPv4 as is; IPv6 by its /64 (one host usually owns the whole /64)."""
+    if ":" in address:
+        try:
+            ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+        except ValueError:
+            return address
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False).network_address) + "/64"
+    return address
+
+
+class RateLimitCheck:
+    name = "rate_limit"
+
+    def __init__(self, route: str, cfg: RateLimit, *, key_prefix: str, workers: int) -> None:
+        self.route = route
+        self.cfg = cfg
+        self.algorithm = cfg.algorithm
+        self.limit = cfg.limit
+        self.window = round(cfg.per * 1_000_000)
+        self.burst = cfg.burst or cfg.limit
+        self.key_kind, _, self.header = cfg.key.partition(":")
+        self.local_share = cfg.local_share if cfg.local_share is not None else 1.0 / workers
+        self._key_head = f"{key_prefix}rl:{{{route}:"
+        self._key_tail = f"}}:{cfg.algorithm}:{round(cfg.per * 1000)}"
+        if self.key_kind == "route":
+            self._fixed_key: str | None = self._key_head + "route" + self._key_tail
+        else:
+            self._fixed_key = None
+        window_s = max(1, math.ceil(cfg.per))
+        self.policy = ("RateLimit-Policy", f'"{route}";q={cfg.limit};w={window_s}')
+
+    def key(self, client: str, headers: object, principal: str | None) -> str:
+        if self._fixed_key is not None:
+            return self._fixed_key
+        if self.key_kind == "client_ip":
+            subject = "ip:" + subject_hash(client_subject(client))
+        elif self.key_kind == "header":
+            value = headers.get(self.header)  # type: ignore[attr-defined]
+            subject = "anonymous" if value is None else "h:" + subject_hash(value)
+        else:  # principal; unknown (auth decided degraded) falls back to the client address
+            subject = "p:" + subject_hash(principal) if principal else "ip:" + subject_hash(client_subject(client))
+        return self._key_head + subject + self._key_tail
+
+    def op(self, key: str) -> RateOp:
+        return RateOp(self.algorithm, key, self.limit, self.window, self.burst)
+
+    def verdict(self, result: RateResult) -> Verdict:
+        headers = [self.policy, ("RateLimit", f'"{self.route}";r={result.remaining};t={math.ceil(result.reset_after)}')]
+        if result.allowed:
+            return Verdict("rate_limit", True, headers=headers)
+        retry = max(1, math.ceil(result.retry_after))
+        headers.append(("Retry-After", str(retry)))
+        return Verdict("rate_limit", False, status=429, code="rate_limited",
+                       detail=f"rate limit of {self.limit} per {self.cfg.per:g}s exceeded; retry in {retry}s",
+                       headers=headers)
