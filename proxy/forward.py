@@ -29,6 +29,8 @@ HOP_BY_HOP = frozenset(
      "trailer", "transfer-encoding", "upgrade"]
 )
 _CHUNK = 1 << 16
+_SMALL = 1 << 16  # response bodies up to this size are buffered and sent in one write
+_NO_LENGTH = frozenset(["content-length"])
 
 
 class UpstreamFailed(Exception):
@@ -89,9 +91,8 @@ class UpstreamClient:
                 auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.idle_timeout
-                ),
+                # No sock_read: aiohttp would re-arm a timer on every read. forward() keeps one timer per request.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout, sock_read=None),
                 trust_env=False,
                 max_field_size=65536,
                 read_bufsize=_CHUNK,
@@ -115,7 +116,7 @@ class UpstreamClient:
             if length is not None and length > out.max_body:
                 raise UpstreamFailed(413, f"the request body is larger than {out.max_body} bytes", out.reply_headers)
 
-            async def body() -> AsyncIterator[bytes]:
+            async def request_body() -> AsyncIterator[bytes]:
                 nonlocal too_large
                 seen = 0
                 content = request.content
@@ -131,32 +132,57 @@ class UpstreamClient:
                         raise BodyTooLarge
                     yield chunk
 
-            data = body()
+            data = request_body()
 
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        body: bytes | None = None
+        upstream: aiohttp.ClientResponse | None = None
+        # One timer per request: `timeout` until the headers, then — for a small body read whole — `idle_timeout`.
         try:
-            async with asyncio.timeout(self.cfg.timeout):
+            async with asyncio.timeout(self.cfg.timeout) as budget:
                 upstream = await self.session.request(
                     out.method, self.url_for(out.path_qs), headers=out.headers, data=data,
                     allow_redirects=False, compress=None, auto_decompress=False,
                 )
+                self._duration.observe(time.perf_counter() - started)
+                length = upstream.content_length
+                if length is not None and length <= _SMALL and out.method != "HEAD":
+                    # Most API responses: read whole and sent with the headers in one write (each extra write
+                    # is a system call).
+                    budget.reschedule(loop.time() + self.cfg.idle_timeout)
+                    body = await upstream.read()
         # aiohttp's timeout errors subclass TimeoutError, so they come first.
         except aiohttp.ConnectionTimeoutError:
             raise self._failed(too_large, 502, "could not connect to the upstream in time", out) from None
-        except (aiohttp.SocketTimeoutError, TimeoutError):
+        except TimeoutError:
+            if upstream is not None:
+                upstream.close()
+                raise UpstreamFailed(502, "the upstream response was cut short", out.reply_headers) from None
             raise self._failed(too_large, 504, "the upstream did not answer in time", out) from None
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            if upstream is not None:
+                log.info("body from upstream %s cut: %r", self.name, exc)
+                raise UpstreamFailed(502, "the upstream response was cut short", out.reply_headers) from None
+            raise self._failed(too_large, 502, "the upstream could not be reached", out) from None
         except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
             log.debug("upstream %s failed: %r", self.name, exc)
             raise self._failed(too_large, 502, "the upstream could not be reached", out) from None
-        self._duration.observe(time.perf_counter() - started)
-        return await self._relay(request, upstream, out)
+        assert upstream is not None
+        if body is not None:
+            resp = web.Response(status=upstream.status, reason=upstream.reason, body=body)
+            copy_response_headers(upstream.headers, resp.headers, _NO_LENGTH)
+            for name, value in out.reply_headers:
+                resp.headers[name] = value
+            return resp
+        return await self._stream(request, upstream, out)
 
     def _failed(self, too_large: bool, status: int, detail: str, out: Outgoing) -> UpstreamFailed:
         if too_large:
             return UpstreamFailed(413, "the request body is larger than limits.max_body", out.reply_headers)
         return UpstreamFailed(status, detail, out.reply_headers)
 
-    async def _relay(
+    async def _stream(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, out: Outgoing
     ) -> web.StreamResponse:
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -164,11 +190,13 @@ class UpstreamClient:
         copy_response_headers(upstream.headers, headers)
         for name, value in out.reply_headers:
             headers[name] = value
+        idle = self.cfg.idle_timeout
         try:
             await resp.prepare(request)
             content = upstream.content
             while True:
-                chunk = await content.readany()
+                async with asyncio.timeout(idle):
+                    chunk = await content.readany()
                 if not chunk:
                     break
                 await resp.write(chunk)
@@ -214,8 +242,10 @@ def upstream_headers(request: web.BaseRequest, strip: frozenset[str], own: froze
     return out
 
 
-def copy_response_headers(src: CIMultiDictProxy[str], dst: CIMultiDict[str]) -> None:
-    drop = HOP_BY_HOP | connection_tokens(src)
+def copy_response_headers(src: CIMultiDictProxy[str], dst: CIMultiDict[str],
+                          extra_drop: frozenset[str] = frozenset()) -> None:
+    tokens = connection_tokens(src)
+    drop = HOP_BY_HOP | extra_drop | tokens if tokens or extra_drop else HOP_BY_HOP
     for name, value in src.items():
         if name.lower() not in drop:
             dst.add(name, value)

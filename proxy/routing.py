@@ -9,6 +9,7 @@ path plus the original query string.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,8 +78,11 @@ def normalize_path(path: str) -> str:
     return _resolve_dots("".join(out))
 
 
+_CLEAN = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
+
+
 def _all_raw_ok(path: str) -> bool:
-    return path.startswith("/") and all(c in _PATH_RAW for c in path)
+    return _CLEAN.fullmatch(path) is not None
 
 
 def _check_raw(c: str) -> None:

@@ -104,12 +104,16 @@ class Upstream:
                 pass  # the proxy dropped us: expected in disconnect tests
             return resp
         if path == "/stall":
+            size = int(request.query.get("bytes", "100"))
             resp = web.StreamResponse()
-            resp.content_length = 100
+            resp.content_length = size
             await resp.prepare(request)
             await resp.write(b"y" * 10)
             await asyncio.sleep(float(request.query["s"]))
-            await resp.write(b"y" * 90)
+            try:
+                await resp.write(b"y" * (size - 10))
+            except ConnectionError:
+                pass
             return resp
         if path == "/hop":
             return web.Response(text="hop", headers={

@@ -241,10 +241,15 @@ async def test_idle_upstream_while_streaming_cuts_the_response(upstream: Upstrea
     text = config_text(upstream.url, "- name: all\n  match: {path: /, prefix: true}\n  upstream: api\n",
                        upstream_extra="idle_timeout: 300ms\n")
     async with InProcessProxy(text) as p, aiohttp.ClientSession() as s:
-        async with s.get(p.url + "/stall?s=3") as r:
-            assert r.status == 200  # the status was already sent
+        # A large body streams: its status is sent before the stall, so the stream is cut.
+        async with s.get(p.url + "/stall?s=3&bytes=1000000") as r:
+            assert r.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await r.read()
+        # A small body is read whole before answering: the stall is still a clean 502.
+        async with s.get(p.url + "/stall?s=3&bytes=100") as r:
+            assert r.status == 502
+            assert (await r.json())["detail"] == "the upstream response was cut short"
         # and the proxy goes on serving
         async with s.get(p.url + "/ok") as r:
             assert r.status == 200
