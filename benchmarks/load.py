@@ -174,6 +174,7 @@ class _Generator:
         self.connections = connections
         self.rate = rate
         self.idle: list[_Conn] = []
+        self.conns: set[_Conn] = set()
         self.backlog: list[float] = []
         self.result = Result()
         self.start = 0.0
@@ -190,6 +191,7 @@ class _Generator:
         return tl[i]
 
     def ready(self, conn: _Conn) -> None:
+        self.conns.add(conn)
         self._next(conn)
 
     def _next(self, conn: _Conn) -> None:
@@ -226,6 +228,7 @@ class _Generator:
         self._next(conn)
 
     def lost(self, conn: _Conn, exc: Exception | None) -> None:
+        self.conns.discard(conn)
         if self.stopping:
             return
         self.result.errors["connection lost" if exc is None else type(exc).__name__] += 1
@@ -258,6 +261,10 @@ class _Generator:
         self.stopping = True
         self.result.duration = self.opts.duration
         self.result.cpu = _cpu() - (cpu_at_start[0] if cpu_at_start else 0.0)
+        for conn in list(self.conns):
+            if conn.transport is not None:
+                conn.transport.close()
+        await asyncio.sleep(0)
         return self.result
 
     async def _schedule(self) -> None:
@@ -313,7 +320,7 @@ def _decode(text: str) -> Result:
 
 def run_load(opts: Options) -> Result:
     """Run the load in `opts.procs` processes and merge their results."""
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: never a fork of a running event loop
     procs = []
     total = Result()
     per = [opts.concurrency // opts.procs + (1 if i < opts.concurrency % opts.procs else 0) for i in range(opts.procs)]

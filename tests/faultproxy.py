@@ -77,3 +77,25 @@ class FaultProxy:
             for w in list(self._writers):
                 w.transport.abort()
             await self._server.wait_closed()
+
+
+if __name__ == "__main__":
+    # python -m tests.faultproxy LISTEN_PORT TARGET_PORT: a standalone fault proxy (for the benchmark suite),
+    # switched by writing lines to its stdin: "pass", "blackhole", "reset", "delay 0.08", "delay_replies 0.08".
+    import sys
+
+    import uvloop
+
+    async def main() -> None:
+        fp = FaultProxy(int(sys.argv[2]))
+        fp.port = int(sys.argv[1])
+        await fp.start()
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            mode, *rest = line.decode().split()
+            fp.set(mode, float(rest[0]) if rest else 0.0)
+        await fp.stop()
+
+    uvloop.run(main())

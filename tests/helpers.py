@@ -110,10 +110,8 @@ class Upstream:
             await resp.prepare(request)
             await resp.write(b"y" * 10)
             await asyncio.sleep(float(request.query["s"]))
-            try:
+            with contextlib.suppress(ConnectionError):
                 await resp.write(b"y" * (size - 10))
-            except ConnectionError:
-                pass
             return resp
         if path == "/hop":
             return web.Response(text="hop", headers={

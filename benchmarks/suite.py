@@ -1,0 +1,349 @@
+"""`python -m benchmarks suite [--quick]`: what Failgate costs, measured in one run against direct and a bare
+reference proxy, with the store healthy and failing. Starts its own upstream, redis-server and Failgate on
+loopback; reports requests/s, p50/p99, the ratio to direct, and CPU microseconds per request of every server
+process (from /proc — steadier than requests/s when everything shares the same cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .load import Options, Result, competing_warning, run_load
+
+ROOT = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+STORE_TIMEOUT_MS = 50
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+@dataclass
+class Row:
+    scenario: str
+    target: str
+    concurrency: int
+    result: dict[str, Any]
+    cpu_us: dict[str, float]
+    note: str = ""
+    ratio: float | None = None
+
+
+@dataclass
+class Bench:
+    quick: bool
+    workdir: Path
+    procs: dict[str, Proc] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def duration(self) -> float:
+        return 4.0 if self.quick else 10.0
+
+    def spawn(self, name: str, args: list[str], port: int, stdin: bool = False) -> Proc:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)
+        _wait_port(port)
+        proc = Proc(name, p, port)
+        self.procs[name] = proc
+        return proc
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGCONT)
+                p.popen.terminate()
+                try:
+                    p.popen.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.popen.kill()
+
+    def measure(self, scenario: str, url: str, *, concurrency: int = 64, servers: tuple[str, ...] = (),
+                headers: list[tuple[str, str]] | None = None, note: str = "",
+                during: Callable[[], None] | None = None) -> Row:
+        before = {s: _cpu_seconds(self.procs[s].pid) for s in servers}
+        opts = Options(url, concurrency=concurrency, duration=self.duration, headers=headers or [],
+                       warmup=1.0, progress=False)
+        if during is not None:
+            during()
+        result = run_load(opts)
+        # CPU is read after the whole run (warm-up included): divide by everything served, warm-up included.
+        served = result.requests * (1 + opts.warmup / opts.duration)
+        cpu = {s: round((_cpu_seconds(self.procs[s].pid) - before[s]) * 1e6 / served, 1) if served else 0.0
+               for s in servers}
+        row = Row(scenario, url, concurrency, result.summary(), cpu, note)
+        self.rows.append(row)
+        warning = competing_warning(result)
+        lat = row.result["latency_us"]
+        print(f"  {scenario:<34} c={concurrency:<3} {row.result['rps']:>9.0f} req/s  p50 {lat['p50'] / 1000:6.2f}ms  "
+              f"p99 {lat['p99'] / 1000:6.2f}ms  cpu µs/req {cpu}  statuses {row.result['statuses']}"
+              + (f"  degraded {row.result['degraded']}" if row.result["degraded"] else ""), flush=True)
+        if warning and not self.quick:
+            print("    " + warning)
+        self._last = result
+        return row
+
+
+def _failgate_config(path: Path, port: int, admin: int, upstream: int, store_url: str) -> None:
+    rl = "on_store_error: open"
+    path.write_text(f"""version: 1
+listen: {{host: 127.0.0.1, port: {port}}}
+admin: {{host: 127.0.0.1, port: {admin}}}
+store: {{url: "{store_url}", timeout: {STORE_TIMEOUT_MS}ms}}
+upstreams: {{api: {{url: "http://127.0.0.1:{upstream}"}}}}
+routes:
+  - {{name: pass, match: {{path: /pass, prefix: true}}, upstream: api}}
+  - name: rl-fixed
+    match: {{path: /rl/fixed, prefix: true}}
+    upstream: api
+    rate_limit: {{limit: 1000000000, per: 1m, algorithm: fixed_window, key: client_ip, {rl}}}
+  - name: rl-sliding
+    match: {{path: /rl/sliding, prefix: true}}
+    upstream: api
+    rate_limit: {{limit: 1000000000, per: 1m, algorithm: sliding_window, key: client_ip, {rl}}}
+  - name: rl-gcra
+    match: {{path: /rl/gcra, prefix: true}}
+    upstream: api
+    rate_limit: {{limit: 1000000000, per: 1m, algorithm: gcra, key: client_ip, {rl}}}
+  - name: open
+    match: {{path: /open, prefix: true}}
+    upstream: api
+    rate_limit: {{limit: 1000000000, per: 1m, key: route, on_store_error: open}}
+  - name: closed
+    match: {{path: /closed, prefix: true}}
+    upstream: api
+    rate_limit: {{limit: 1000000000, per: 1m, key: route, on_store_error: closed}}
+""")
+
+
+def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="failgate-bench-"))
+    bench = Bench(quick, workdir)
+    py = sys.executable
+    print(f"Failgate benchmark suite ({'quick' if quick else 'full'}), work dir {workdir}")
+    try:
+        up = bench.spawn("upstream", [py, "-m", "benchmarks.upstream", str(p := _port())], p)
+        redis_port = _port()
+        redis_args = [shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--bind",
+                      "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+        bench.spawn("redis", redis_args, redis_port)
+        fault_port = _port()
+        fault = bench.spawn("faultproxy", [py, "-m", "tests.faultproxy", str(fault_port), str(redis_port)],
+                            fault_port, stdin=True)
+        ref = bench.spawn("reference", [py, "-m", "benchmarks.refproxy", str(p := _port()),
+                                        f"http://127.0.0.1:{up.port}"], p)
+        cfg = workdir / "failgate.yaml"
+        fg_port, fg_admin = _port(), _port()
+        _failgate_config(cfg, fg_port, fg_admin, up.port, f"redis://127.0.0.1:{fault_port}/0")
+        bench.spawn("failgate", [py, "-m", "proxy", "run", "-c", str(cfg)], fg_port)
+        nginx = shutil.which("nginx")
+        base = f"http://127.0.0.1:{fg_port}"
+
+        def want(name: str) -> bool:
+            return only is None or any(name.startswith(o) for o in only)
+
+        print("healthy store:")
+        if want("direct"):
+            for c in (64, 8, 1):
+                bench.measure("direct", f"http://127.0.0.1:{up.port}/", concurrency=c, servers=("upstream",))
+        if want("reference"):
+            bench.measure("reference proxy (aiohttp)", f"http://127.0.0.1:{ref.port}/", servers=("reference",))
+        if nginx is None and want("nginx"):
+            print("  nginx proxy_pass: skipped (nginx is not installed)")
+        if want("passthrough"):
+            for c in (64, 8, 1):
+                bench.measure("failgate passthrough", base + "/pass", concurrency=c, servers=("failgate",))
+        if want("rate_limit"):
+            for algo in ("fixed", "sliding", "gcra"):
+                bench.measure(f"failgate rate_limit {algo}", base + f"/rl/{algo}", servers=("failgate", "redis"))
+            for c in (8, 1):
+                bench.measure("failgate rate_limit sliding", base + "/rl/sliding", concurrency=c,
+                              servers=("failgate", "redis"))
+
+        def switch(mode: str) -> Callable[[], None]:
+            def apply() -> None:
+                assert fault.popen.stdin is not None
+                fault.popen.stdin.write(mode.encode() + b"\n")
+                fault.popen.stdin.flush()
+            return apply
+
+        if want("outage"):
+            print(f"store failing (store.timeout {STORE_TIMEOUT_MS}ms):")
+            for label, mode in (("hung (blackhole)", "blackhole"), ("slow (+80ms)", "delay 0.08"),
+                                ("refusing (reset)", "reset")):
+                for route in ("open", "closed"):
+                    bench.measure(f"store {label}: {route} route", base + f"/{route}", servers=("failgate",),
+                                  during=switch(mode))
+                switch("pass")()
+            # killed: the real process, SIGKILLed, then restarted for whatever follows
+            redis = bench.procs["redis"]
+            redis.popen.kill()
+            redis.popen.wait()
+            for route in ("open", "closed"):
+                bench.measure(f"store killed: {route} route", base + f"/{route}", servers=("failgate",))
+            bench.spawn("redis", redis_args, redis_port)
+
+        timeline = None
+        if want("timeline"):
+            timeline = _timeline(bench, base, switch)
+        _ratios(bench.rows)
+        paths = _write(bench, Path(out), timeline)
+        print("results: " + ", ".join(str(p) for p in paths))
+        return 0
+    finally:
+        bench.stop_all()
+
+
+def _timeline(bench: Bench, base: str, switch: Callable[[str], Callable[[], None]]) -> dict[str, Any]:
+    """Steady open-loop load; the store hung for a while in the middle, then resumed."""
+    total, hang_at, hang_for = (20, 5, 8) if bench.quick else (30, 10, 10)
+    rate = 1500.0
+    print(f"outage timeline: {rate:.0f} req/s open loop for {total}s on the open route, store hung at {hang_at}s "
+          f"for {hang_for}s")
+    import threading
+
+    def outage() -> None:
+        time.sleep(1.0 + hang_at)  # after the warm-up
+        switch("blackhole")()
+        time.sleep(hang_for)
+        switch("pass")()
+
+    t = threading.Thread(target=outage, daemon=True)
+    t.start()
+    result: Result = run_load(Options(base + "/open", concurrency=128, duration=total, rate=rate, warmup=1.0,
+                                      progress=False))
+    t.join()
+    s = result.summary()
+    print("  second  req/s  p99(ms)  degraded")
+    for sec in s["timeline"]:
+        print(f"  {sec['second']:>6} {sec['n']:>6} {sec['p99_us'] / 1000:>8.2f} {sec['degraded']:>9}")
+    return {"rate": rate, "hang_at": hang_at, "hang_for": hang_for, "summary": s}
+
+
+def _ratios(rows: list[Row]) -> None:
+    direct = {r.concurrency: r.result["rps"] for r in rows if r.scenario == "direct"}
+    for r in rows:
+        if direct.get(r.concurrency):
+            r.ratio = round(r.result["rps"] / direct[r.concurrency], 3)
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores, {model}, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def _write(bench: Bench, out: Path, timeline: dict[str, Any] | None) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H%M%S")
+    machine = _machine()
+    lines = [f"# Failgate benchmark suite — {stamp}", "",
+             f"Machine: {machine}. Everything (generator, servers, Redis) shares these cores; compare CPU µs per "
+             "request and ratios from one run. Duration per row: "
+             f"{bench.duration:.0f}s after 1s warm-up. store.timeout {STORE_TIMEOUT_MS}ms.", "",
+             "| scenario | c | req/s | ratio to direct | p50 ms | p99 ms | CPU µs/req | statuses | degraded |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in bench.rows:
+        lat = r.result["latency_us"]
+        cpu = ", ".join(f"{k} {v}" for k, v in r.cpu_us.items())
+        lines.append(f"| {r.scenario} | {r.concurrency} | {r.result['rps']:.0f} | "
+                     f"{r.ratio if r.ratio is not None else ''} | {lat['p50'] / 1000:.2f} | {lat['p99'] / 1000:.2f} | "
+                     f"{cpu} | {r.result['statuses']} | {r.result['degraded'] or ''} |")
+    png = None
+    if timeline is not None:
+        lines += ["", "## Outage timeline", "",
+                  f"{timeline['rate']:.0f} req/s offered (open loop) on an `open` route; the store hung (blackholed) "
+                  f"at {timeline['hang_at']}s for {timeline['hang_for']}s.", "",
+                  "| second | responses | p99 ms | degraded |", "|---|---|---|---|"]
+        for sec in timeline["summary"]["timeline"]:
+            lines.append(f"| {sec['second']} | {sec['n']} | {sec['p99_us'] / 1000:.2f} | {sec['degraded']} |")
+        png = _plot(timeline, out / f"timeline-{stamp}.png")
+        if png is not None:
+            lines += ["", f"![outage timeline]({png.name})"]
+    md = out / f"suite-{stamp}.md"
+    md.write_text("\n".join(lines) + "\n")
+    data = {"stamp": stamp, "machine": machine, "quick": bench.quick, "duration": bench.duration,
+            "rows": [r.__dict__ for r in bench.rows], "timeline": timeline}
+    js = out / f"suite-{stamp}.json"
+    js.write_text(json.dumps(data, indent=1, default=str))
+    shutil.copyfile(md, out / "latest.md")
+    shutil.copyfile(js, out / "latest.json")
+    return [p for p in (md, js, png) if p is not None]
+
+
+def _plot(timeline: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (matplotlib not installed: no PNG; `pip install -e '.[bench]'`)")
+        return None
+    secs = timeline["summary"]["timeline"]
+    x = [s["second"] for s in secs]
+    fig, ax = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+    ax[0].plot(x, [s["n"] for s in secs])
+    ax[0].set_ylabel("responses/s")
+    ax[1].plot(x, [s["p99_us"] / 1000 for s in secs], color="tab:red")
+    ax[1].set_ylabel("p99 ms")
+    ax[2].plot(x, [s["degraded"] / s["n"] * 100 if s["n"] else 0 for s in secs], color="tab:orange")
+    ax[2].set_ylabel("degraded %")
+    ax[2].set_xlabel("second")
+    for a in ax:
+        a.axvspan(timeline["hang_at"], timeline["hang_at"] + timeline["hang_for"], color="grey", alpha=0.2)
+    fig.suptitle("Failgate during a store outage (grey: store hung)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
