@@ -1,4 +1,4 @@
-"""Command line: `failgate run | check | demo` (SPEC §9). `python -m proxy` is the same program."""
+"""Command line: `failgate run | check | keys | demo` (SPEC §9). `python -m proxy` is the same program."""
 
 from __future__ import annotations
 
@@ -32,14 +32,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .app import refuse_unbuilt_checks
     from .config.validate import resolve_workers
     from .server import run
 
     _setup_logging(args.verbose)
     try:
         loaded = load_file(args.config)
-        refuse_unbuilt_checks(loaded)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -52,6 +50,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         run(loaded, workers)
     except OSError as exc:
         print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from . import keys
+
+    try:
+        loaded = load_file(args.config)
+        if args.keys_command == "add":
+            scopes = [s.strip() for s in args.scopes.split(",") if s.strip()] if args.scopes else []
+            key, digest = keys.add(loaded, args.principal, scopes, args.expires)
+            print(key)
+            print(f"stored for {args.principal} (hash {digest[:12]}…); this key is shown once and never again",
+                  file=sys.stderr)
+        elif args.keys_command == "revoke":
+            digest = keys.revoke(loaded, args.key)
+            print(f"revoked {digest[:12]}… (routes with auth.cache_for may accept it until their cache expires)")
+        else:
+            print(keys.format_list(keys.list_keys(loaded)))
+    except (ConfigError, keys.KeysError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -76,6 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="validate a config and print what it does")
     p.add_argument("file")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("keys", help="manage API keys in the config's store")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True)
+    k = keys_sub.add_parser("add", help="create a key; prints it once")
+    k.add_argument("--principal", required=True)
+    k.add_argument("--scopes", default="", help="comma-separated")
+    k.add_argument("--expires", default=None, help="a duration such as 30d")
+    k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    k = keys_sub.add_parser("revoke", help="delete a key (the key itself, or its 64-hex hash)")
+    k.add_argument("key")
+    k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    k = keys_sub.add_parser("list", help="principal, scopes, expiry and hash prefix of every key")
+    k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("demo", help="run an echo upstream and the proxy with config/demo.yaml on memory://")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -14,17 +14,18 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from .checks.auth import AuthCheck
 from .checks.local import LocalLimiter
+from .checks.memo import KeyMemory
 from .checks.ratelimit import RateLimitCheck
-from .config import ConfigError, LoadedConfig
+from .config import LoadedConfig
 from .config.validate import resolve_workers
-from .decision import Verdict
-from .failmode import closed, rate_limit_open, rate_limit_stale
 from .forward import HOP_BY_HOP, ClientGone, Outgoing, UpstreamClient, UpstreamFailed, upstream_headers
 from .observe.metrics import RouteMetrics, StoreMetrics
+from .pipeline import run_checks
 from .responses import error_response
 from .routing import BadTarget, Router, compile_match, host_of, parse_target
-from .store import Store, StoreUnavailable
+from .store import Store
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
 # Failgate's own identity headers: a client must never be able to send them upstream (SPEC §5).
@@ -39,7 +40,9 @@ class Route:
     strip: int  # characters of the matched prefix to remove; 0 when strip_prefix is off
     preserve_host: bool
     metrics: RouteMetrics
+    auth: AuthCheck | None
     rate_limit: RateLimitCheck | None
+    drop_credentials: str | None  # the credential header, when forward_credentials is false
 
 
 ROUTE: web.RequestKey[Route] = web.RequestKey("route", Route)
@@ -49,12 +52,13 @@ class Runtime:
     """A compiled config: the router, its routes and upstream clients, and the per-request settings."""
 
     def __init__(self, loaded: LoadedConfig, store: Store, *, workers: int | None = None,
-                 local: LocalLimiter | None = None) -> None:
+                 local: LocalLimiter | None = None, keys: KeyMemory | None = None) -> None:
         cfg = loaded.config
         self.loaded = loaded
-        refuse_unbuilt_checks(loaded)
         self.store = store
+        # Process-wide memories, kept across reloads: rate-limit state for `stale`, API-key answers.
         self.local = local or LocalLimiter()
+        self.keys = keys or KeyMemory()
         self.store_metrics = StoreMetrics()
         workers = workers or resolve_workers(cfg.workers)
         self.upstreams = {name: UpstreamClient(name, up) for name, up in cfg.upstreams.items()}
@@ -62,11 +66,14 @@ class Runtime:
         for r in cfg.routes:
             m = compile_match(r.match.path, r.match.prefix, r.match.methods, r.match.host)
             strip = len(m.path) if r.strip_prefix and m.path != "/" else 0
-            rl = None
+            rl = auth = None
             if r.rate_limit is not None:
                 rl = RateLimitCheck(r.name, r.rate_limit, key_prefix=cfg.store.key_prefix, workers=workers)
+            if r.auth is not None:
+                auth = AuthCheck(r.name, r.auth, key_prefix=cfg.store.key_prefix)
+            drop = r.auth.header.lower() if r.auth is not None and not r.auth.forward_credentials else None
             route = Route(r.name, self.upstreams[r.upstream], strip, cfg.upstreams[r.upstream].preserve_host,
-                          RouteMetrics(r.name), rl)
+                          RouteMetrics(r.name), auth, rl, drop)
             entries.append((m, route))
         self.router: Router = Router(entries)
         self.trusted = [ipaddress.ip_network(c, strict=False) for c in cfg.trusted_proxies]
@@ -102,15 +109,6 @@ class Runtime:
         except ValueError:
             return False
         return any(ip in net for net in self.trusted)
-
-
-def refuse_unbuilt_checks(loaded: LoadedConfig) -> None:
-    """Running a config whose checks this build cannot enforce would let every request through unchecked."""
-    for i, r in enumerate(loaded.config.routes):
-        if r.auth is not None:
-            raise ConfigError(loaded.source, f"routes[{i}].auth",
-                              "auth checks are not enforced by this build of Failgate yet; refusing to run a "
-                              "route whose check would be silently skipped")
 
 
 class Proxy:
@@ -176,30 +174,37 @@ class Proxy:
             resp.force_close()
             return resp
 
-        # --- checks: auth first, then rate_limit; the first deny is the response ---
+        # --- checks (pipeline.py: auth, then rate_limit; the first deny is the response) ---
         reply: list[tuple[str, str]] = [(rid_header, rid)]
-        degraded: list[Verdict] = []
-        if route.rate_limit is not None:
+        tag = None
+        identity = None
+        if route.auth is not None or route.rate_limit is not None:
             client = rt.client_address(request.remote, headers.getall("X-Forwarded-For", []))
-            verdict = await self._rate_limit(rt, route, route.rate_limit, client, headers)
-            route.metrics.decided(verdict)
-            reply.extend(verdict.headers)
-            if verdict.degraded:
-                degraded.append(verdict)
-            if not verdict.allow:
-                extra = dict(verdict.headers)
-                if degraded:
-                    extra[rt.degraded_header] = ", ".join(v.tag() for v in degraded)
-                return error_response(verdict.status, verdict.detail, route=route.name, request_id=rid,
-                                      request_id_header=rid_header, code=verdict.code, headers=extra)
-        tag = ", ".join(v.tag() for v in degraded) if degraded else None
-        if tag is not None:
-            reply.append((rt.degraded_header, tag))
+            decision = await run_checks(rt, route, headers, client)
+            identity = decision.identity
+            for v in decision.verdicts:
+                if v is not decision.deny:
+                    reply.extend(v.headers)
+            degraded = [v.tag() for v in decision.verdicts if v.degraded]
+            if degraded:
+                tag = ", ".join(degraded)
+                reply.append((rt.degraded_header, tag))
+            if decision.deny is not None:
+                deny = decision.deny
+                extra = dict(reply[1:])
+                extra.update(deny.headers)
+                return error_response(deny.status, deny.detail, route=route.name, request_id=rid,
+                                      request_id_header=rid_header, code=deny.code, headers=extra)
 
         out_headers = upstream_headers(request, rt.strip, rt.own, route.upstream.host_header, route.preserve_host,
                                        self._proto, rt.request_id_header, rid)
         if tag is not None:
             out_headers[rt.degraded_header] = tag
+        if identity is not None:
+            out_headers["X-Failgate-Principal"] = identity.principal
+            out_headers["X-Failgate-Scopes"] = ",".join(identity.scopes)
+        if route.drop_credentials is not None:
+            out_headers.popall(route.drop_credentials, None)
         path = target.path
         if route.strip:
             path = path[route.strip:] or "/"
@@ -208,25 +213,3 @@ class Proxy:
             # The checks passed: now the client may send its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await route.upstream.forward(request, out)
-
-    @staticmethod
-    async def _rate_limit(rt: Runtime, route: Route, check: RateLimitCheck, client: str, headers: object) -> Verdict:
-        key = check.key(client, headers, None)
-        mode = check.cfg.on_store_error
-        started = time.perf_counter()
-        try:
-            (result,) = await rt.store.execute([check.op(key)])
-        except StoreUnavailable as exc:
-            rt.store_metrics.observe(exc.reason, time.perf_counter() - started)
-            if mode == "open":
-                return rate_limit_open(exc.reason)
-            if mode == "closed":
-                return closed("rate_limit", exc.reason, status=check.cfg.status_on_error, retry_after=rt.retry_after)
-            outcome, age = rt.local.decide(key, check.algorithm, check.limit, check.window, check.burst,
-                                           check.local_share, int(time.time() * 1_000_000))
-            return rate_limit_stale(exc.reason, outcome, route=route.name, policy=check.policy, limit=check.limit,
-                                    age=age)
-        rt.store_metrics.observe("ok", time.perf_counter() - started)
-        if mode == "stale":
-            rt.local.remember(key, result.state, time.time())
-        return check.verdict(result)

@@ -68,9 +68,6 @@ def warnings(loaded: LoadedConfig) -> list[str]:
         if r.auth is not None and r.auth.on_store_error == "stale" and r.auth.stale_fallback == "open":
             out.append(f"routes[{i}].auth ({r.name}): stale_fallback open lets credentials never seen before "
                        "through unauthenticated while the store cannot answer")
-        if r.auth is not None:
-            out.append(f"routes[{i}].auth ({r.name}): this build does not enforce auth checks yet; "
-                       "`failgate run` refuses this config")
     return out
 
 

@@ -6,6 +6,7 @@ import logging
 import sys
 from importlib import resources
 
+import msgspec
 from aiohttp import web
 
 from .config import ConfigError, load_text
@@ -43,15 +44,44 @@ Failgate demo is running.
   admin  http://127.0.0.1:9901   (/metrics /healthz /readyz /config)
   echo   http://127.0.0.1:8081   (the API behind it: answers with what it received)
 
+A demo API key (principal "demo", scope "read") was created for this run:
+  export KEY={key}
+
 Try:
-  curl -s localhost:8080/public/hello                 # forwarded as /public/hello
-  curl -s localhost:8080/api/v1/users?id=7            # forwarded as /users?id=7 (prefix stripped)
+  curl -si localhost:8080/public/hello                # forwarded; note the RateLimit headers
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' localhost:8080/public/x; done; echo
+                                                      # 5 per 10 s, then 429 with Retry-After
+  curl -si localhost:8080/api/v1/users                # 401: no key
+  curl -s -H "Authorization: Bearer $KEY" 'localhost:8080/api/v1/users?id=7'
+                                                      # forwarded as /users?id=7 with X-Failgate-Principal: demo
+  curl -si -H "Authorization: Bearer $KEY" localhost:8080/admin     # 403: the key lacks the admin scope
   curl -si -X DELETE localhost:8080/api/v1/users      # 405: the route allows GET, POST
-  curl -si localhost:8080/nowhere                     # 404 from Failgate, JSON body
-  curl -si 'localhost:8080/public/%2e%2e/admin'       # normalized to /admin before matching: 404
-  curl -s localhost:9901/metrics | grep failgate_requests_total
+  curl -si 'localhost:8080/public/%2e%2e/admin'       # normalized to /admin before matching
+  curl -s localhost:9901/metrics | grep -E 'failgate_(requests|decisions)_total'
 Ctrl-C stops it.
 """
+
+
+DEMO_SCOPES = ["read"]
+
+
+def seed_demo_key(serving: object) -> str:
+    """Put one API key into the demo's memory:// store (and its epoch marker); returns the key."""
+    import time
+
+    from .checks.auth import digest_of
+    from .checks.memo import Record
+    from .keys import new_key
+    from .store.memory import MemoryStore
+
+    store = getattr(serving, "store", None)
+    assert isinstance(store, MemoryStore)
+    prefix = serving.loaded.config.store.key_prefix  # type: ignore[attr-defined]
+    key = new_key()
+    store.set_value(prefix + "epoch", str(int(time.time())).encode())
+    store.set_value(prefix + "apikey:" + digest_of(key),
+                    msgspec.json.encode(Record(principal="demo", scopes=DEMO_SCOPES)))
+    return key
 
 
 async def _main() -> int:
@@ -72,9 +102,11 @@ async def _main() -> int:
               file=sys.stderr)
         await runner.cleanup()
         return 1
-    print(GUIDE, flush=True)
+    def started(serving: object) -> None:
+        print(GUIDE.format(key=seed_demo_key(serving)), flush=True)
+
     try:
-        await run_single(loaded)
+        await run_single(loaded, on_started=started)
     finally:
         await runner.cleanup()
     return 0

@@ -14,9 +14,15 @@ Failgate decides what a store failure means.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .checks.algorithms import Outcome
 from .decision import Reason, Verdict
+
+if TYPE_CHECKING:
+    from .checks.auth import Identity
+    from .checks.memo import Record
 
 
 def rate_limit_open(reason: Reason) -> Verdict:
@@ -39,3 +45,32 @@ def rate_limit_stale(reason: Reason, outcome: Outcome, *, route: str, policy: tu
     return Verdict("rate_limit", False, basis="stale", reason=reason, status=429, code="rate_limited",
                    detail=f"rate limit exceeded (enforced locally while the store cannot answer); retry in {retry}s",
                    headers=headers, age=age)
+
+
+# --- auth -----------------------------------------------------------------------------------------------------
+#
+# | check | mode   | verdict                                                                                   |
+# |-------|--------|-------------------------------------------------------------------------------------------|
+# | auth  | open   | allow, basis open; the principal is unknown (a `principal` rate limit uses the client IP) |
+# | auth  | closed | deny with status_on_error and Retry-After, basis closed                                   |
+# | auth  | stale  | the record remembered for this credential, if fetched within stale_for: the route's own   |
+# |       |        | scope and expiry rules applied to it (a remembered revocation stays 401), basis stale,    |
+# |       |        | tagged with its age; nothing remembered (or too old): stale_fallback, tagged fallback=…   |
+# |       |        | and still counted as basis stale (the decision label says allow or deny)                  |
+
+
+def auth_open(reason: Reason) -> Verdict:
+    return Verdict("auth", True, basis="open", reason=reason)
+
+
+def auth_stale(reason: Reason, remembered: tuple[Record | str, float] | None, *, now: float, stale_for: float,
+               fallback: str, status: int, retry_after: float,
+               judge: Callable[..., tuple[Verdict, Identity | None]]) -> tuple[Verdict, Identity | None]:
+    if remembered is not None and now - remembered[1] <= stale_for:
+        record, at = remembered
+        return judge(record, now, basis="stale", reason=reason, age=now - at)
+    if fallback == "open":
+        return Verdict("auth", True, basis="stale", reason=reason, fallback="open"), None
+    v = closed("auth", reason, status=status, retry_after=retry_after)
+    v.basis, v.fallback = "stale", "closed"
+    return v, None

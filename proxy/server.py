@@ -41,9 +41,6 @@ class Serving:
     """What one serving process owns: the compiled config and the proxy listener."""
 
     def __init__(self, loaded: LoadedConfig, *, reuse_port: bool, workers: int = 1) -> None:
-        from .app import refuse_unbuilt_checks
-
-        refuse_unbuilt_checks(loaded)
         self.loaded = loaded
         self.workers = workers
         self._reuse_port = reuse_port
@@ -115,7 +112,7 @@ class SingleProcess:
         return None
 
 
-async def run_single(loaded: LoadedConfig) -> None:
+async def run_single(loaded: LoadedConfig, on_started: Any = None) -> None:
     from .admin import build_admin
 
     cfg = loaded.config
@@ -124,6 +121,8 @@ async def run_single(loaded: LoadedConfig) -> None:
     await admin.setup()
     await web.TCPSite(admin, cfg.admin.host, cfg.admin.port).start()
     await owner.serving.start()
+    if on_started is not None:
+        on_started(owner.serving)
     log.info("failgate serving on %s:%d (admin %s:%d), config %s sha256 %s", cfg.listen.host, cfg.listen.port,
              cfg.admin.host, cfg.admin.port, loaded.source, loaded.sha256[:12])
     stop = asyncio.Event()

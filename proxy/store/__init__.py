@@ -13,7 +13,9 @@ from .ops import GetOp, Op, RateOp, RateResult
 
 class Store(Protocol):
     async def execute(self, ops: Sequence[Op]) -> list[Any]:
-        """Run one request's operations in one round trip; raises StoreUnavailable."""
+        """Run one request's operations in one round trip. Raises StoreUnavailable when the round trip failed
+        (timeout, connection); an error reply about one operation is returned in its place as a
+        StoreUnavailable("error") instance, so the other checks of the request still get their answers."""
 
     async def close(self) -> None: ...
 

@@ -71,15 +71,15 @@ class RedisStore:
     @staticmethod
     def _result(op: Op, reply: Any) -> Any:
         if isinstance(reply, hiredis.ReplyError):
-            # An error reply: the server answered, but not with a result.
-            raise StoreUnavailable("error", str(reply), transport=_server_wide(reply))
+            # An error reply: the server answered, but not with a result. Returned in place, for this op only.
+            return StoreUnavailable("error", str(reply), transport=_server_wide(reply))
         if isinstance(op, GetOp):
             return reply
         try:
             allowed, remaining, reset, retry, *state = reply
             return RateResult(allowed == 1, int(remaining), reset / 1e6, retry / 1e6, tuple(int(s) for s in state))
-        except (TypeError, ValueError) as exc:
-            raise StoreUnavailable("error", f"unexpected reply {reply!r}", transport=False) from exc
+        except (TypeError, ValueError):
+            return StoreUnavailable("error", f"unexpected reply {reply!r}", transport=False)
 
     async def close(self) -> None:
         await self.client.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import subprocess
 import sys
@@ -87,28 +86,40 @@ def test_python_m_proxy_and_the_console_script_are_the_same_program() -> None:
     assert a.stdout == b.stdout
 
 
-async def test_demo_serves_the_echo_api_through_the_proxy() -> None:
+async def test_demo_serves_the_echo_api_through_the_proxy_with_a_seeded_key() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "demo"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.DEVNULL, text=True)
+    out = ""
     try:
+        assert proc.stdout is not None
         deadline = time.monotonic() + 20
+        key = None
+        while key is None:
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)
+            assert line, "demo exited early"
+            out += line
+            if "export KEY=" in line:
+                key = line.split("KEY=", 1)[1].strip()
+            assert time.monotonic() < deadline
         async with aiohttp.ClientSession() as s:
-            while True:
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with s.get("http://127.0.0.1:9901/readyz") as r:
-                        if r.status == 200:
-                            break
-                assert time.monotonic() < deadline, "demo not ready"
-                await asyncio.sleep(0.1)
             async with s.get("http://127.0.0.1:8080/api/v1/users?id=7") as r:
+                assert r.status == 401
+            async with s.get("http://127.0.0.1:8080/api/v1/users?id=7",
+                             headers={"Authorization": f"Bearer {key}"}) as r:
                 assert r.status == 200
                 body = await r.json()
                 assert (body["path"], body["query"]) == ("/users", "id=7")
-            async with s.delete("http://127.0.0.1:8080/api/v1/users") as r:
-                assert r.status == 405
+                assert body["headers"]["X-Failgate-Principal"] == "demo"
+            async with s.get("http://127.0.0.1:8080/admin", headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 403
+            statuses = []
+            for _ in range(6):
+                async with s.get("http://127.0.0.1:8080/public/x") as r:
+                    statuses.append(r.status)
+            assert statuses == [200] * 5 + [429]
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        rest, _ = proc.communicate(timeout=30)
+        out += rest or ""
     assert proc.returncode == 0
-    assert "curl -s localhost:8080/public/hello" in out
+    assert "Failgate demo is running." in out and "A demo API key" in out

@@ -104,17 +104,3 @@ async def test_admin_endpoints(upstream: Upstream, tmp_path: Path, monkeypatch) 
                 assert "failgate_requests_total" not in await r.text()
     finally:
         assert p.stop() == 0
-
-
-async def test_run_refuses_checks_this_build_cannot_enforce(upstream: Upstream, tmp_path: Path) -> None:
-    cfg = tmp_path / "f.yaml"
-    cfg.write_text(config_text(upstream.url, ALL + "  auth: {type: api_key, on_store_error: closed}\n"))
-    p = ProxyProcess(cfg).start()
-    assert p.proc is not None
-    try:
-        assert p.proc.wait(30) == 1
-    finally:
-        p.stop(signal.SIGKILL)
-    log = p.log()
-    assert f"error: {cfg}: routes[0].auth: auth checks are not enforced by this build" in log
-    assert "Traceback" not in log

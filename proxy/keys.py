@@ -1,0 +1,113 @@
+"""`failgate keys add | revoke | list`: API keys in the config's store. Only the SHA-256 of a key is stored;
+the key itself is printed once, at `add`, and never again."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from typing import Any
+
+import msgspec
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .checks.memo import Record
+from .config import LoadedConfig
+from .config.schema import parse_duration
+
+_encode = msgspec.json.Encoder().encode
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class KeysError(Exception):
+    """A message for the user; the CLI prints it and exits 1."""
+
+
+def new_key() -> str:
+    return secrets.token_urlsafe(32)  # 256 bits, URL-safe
+
+
+def _client(loaded: LoadedConfig) -> redis.Redis:
+    url = loaded.config.store.url
+    if url.startswith("memory://"):
+        raise KeysError(f"{loaded.source}: store.url is memory://, which lives inside the running proxy process; "
+                        "`failgate keys` cannot reach it. Use a redis:// store, or `failgate demo`, which seeds "
+                        "a demo key at start and prints it.")
+    return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0,
+                                retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+
+
+def _run(loaded: LoadedConfig, fn: Any) -> Any:
+    client = _client(loaded)
+    try:
+        return fn(client)
+    except redis.exceptions.RedisError as exc:
+        where = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", loaded.config.store.url)
+        raise KeysError(f"cannot use the store at {where}: {exc}") from None
+    finally:
+        client.close()
+
+
+def add(loaded: LoadedConfig, principal: str, scopes: list[str], expires: str | None) -> tuple[str, str]:
+    """Store a new key's record; returns (key, digest)."""
+    expires_at = None
+    if expires:
+        try:
+            expires_at = time.time() + parse_duration(expires)
+        except ValueError as exc:
+            raise KeysError(f"--expires: {exc}") from None
+    key = new_key()
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    prefix = loaded.config.store.key_prefix
+    record = Record(principal=principal, scopes=scopes, expires_at=expires_at)
+
+    def write(client: redis.Redis) -> None:
+        pipe = client.pipeline(transaction=True)
+        pipe.set(prefix + "epoch", str(int(time.time())), nx=True)
+        pipe.set(prefix + "apikey:" + digest, _encode(record))
+        pipe.execute()
+
+    _run(loaded, write)
+    return key, digest
+
+
+def revoke(loaded: LoadedConfig, key_or_hash: str) -> str:
+    digest = key_or_hash if _HEX64.match(key_or_hash) else hashlib.sha256(key_or_hash.encode()).hexdigest()
+    prefix = loaded.config.store.key_prefix
+    deleted = _run(loaded, lambda c: c.delete(prefix + "apikey:" + digest))
+    if not deleted:
+        raise KeysError(f"no key with hash {digest[:12]}… in the store")
+    return digest
+
+
+def list_keys(loaded: LoadedConfig) -> list[tuple[str, Record | None]]:
+    prefix = loaded.config.store.key_prefix + "apikey:"
+
+    def read(client: redis.Redis) -> list[tuple[str, Record | None]]:
+        out: list[tuple[str, Record | None]] = []
+        for name in client.scan_iter(match=prefix + "*", count=500):
+            raw = client.get(name)
+            digest = name.decode()[len(prefix):]
+            try:
+                out.append((digest, msgspec.json.decode(raw, type=Record) if raw else None))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                out.append((digest, None))
+        return sorted(out, key=lambda item: (item[1].principal if item[1] else "", item[0]))
+
+    return list(_run(loaded, read))
+
+
+def format_list(items: list[tuple[str, Record | None]]) -> str:
+    if not items:
+        return "no API keys in the store"
+    lines = [f"{'principal':<24} {'scopes':<32} {'expires':<20} hash"]
+    for digest, rec in items:
+        if rec is None:
+            lines.append(f"{'(malformed record)':<24} {'':<32} {'':<20} {digest[:12]}")
+            continue
+        expiry = "never" if rec.expires_at is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(rec.expires_at))
+        lines.append(f"{rec.principal:<24} {','.join(rec.scopes) or '-':<32} {expiry:<20} {digest[:12]}")
+    return "\n".join(lines)
