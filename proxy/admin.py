@@ -23,6 +23,7 @@ class Status(Protocol):
     def ready(self) -> tuple[bool, dict[str, Any]]: ...
     def current(self) -> LoadedConfig: ...
     def last_error(self) -> str | None: ...
+    async def control(self, cmd: dict[str, Any]) -> dict[str, Any]: ...
 
 
 _json = msgspec.json.Encoder().encode
@@ -40,6 +41,10 @@ def redacted(loaded: LoadedConfig) -> dict[str, Any]:
     for path in loaded.from_env:  # anything that came from ${VAR} is treated as a secret
         _set_path(doc, path, "***")
     return doc
+
+
+def _bad(detail: str) -> web.Response:
+    return web.json_response({"error": "bad_request", "detail": detail}, status=400)
 
 
 def _enc(value: Any) -> Any:
@@ -66,10 +71,10 @@ def _set_path(doc: Any, path: str, value: str) -> None:
             return
 
 
-def build_admin(status: Status, token: str | None) -> web.Application:
+def build_admin(status: Status, token: str | None, *, chaos: bool = False) -> web.Application:
     @web.middleware
     async def require_token(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.method == "POST" and token is not None:
+        if request.method in ("POST", "DELETE") and token is not None:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return web.json_response({"error": "unauthorized", "detail": "admin token required"},
@@ -100,7 +105,31 @@ def build_admin(status: Status, token: str | None) -> web.Application:
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
+    async def chaos_set(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return _bad('expected a JSON object such as {"fault": "hang", "for": "30s"}')
+        unknown = set(body) - {"fault", "delay", "for"}
+        if unknown:
+            return _bad(f"unknown keys: {', '.join(sorted(unknown))}; expected fault, delay, for")
+        reply = await status.control({"op": "chaos", "fault": body.get("fault"), "delay": body.get("delay"),
+                                      "for": body.get("for", "30s")})
+        if not reply.get("ok"):
+            return _bad(str(reply.get("error")))
+        return web.json_response({"fault": body.get("fault"), "for": body.get("for", "30s"),
+                                  "delay": body.get("delay")})
+
+    async def chaos_clear(_: web.Request) -> web.Response:
+        await status.control({"op": "chaos_clear"})
+        return web.json_response({"fault": None})
+
     app = web.Application(middlewares=[require_token])
+    if chaos:
+        app.router.add_post("/chaos/store", chaos_set)
+        app.router.add_delete("/chaos/store", chaos_clear)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/config", config)

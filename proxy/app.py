@@ -21,8 +21,9 @@ from .checks.ratelimit import RateLimitCheck
 from .config import LoadedConfig
 from .config.validate import resolve_workers
 from .forward import HOP_BY_HOP, ClientGone, Outgoing, UpstreamClient, UpstreamFailed, upstream_headers
+from .observe.decisionlog import DecisionLog, LogWriter
 from .observe.metrics import RouteMetrics, StoreMetrics
-from .pipeline import run_checks
+from .pipeline import Decision, run_checks
 from .responses import error_response
 from .routing import BadTarget, Router, compile_match, host_of, parse_target
 from .store import Store
@@ -46,16 +47,19 @@ class Route:
 
 
 ROUTE: web.RequestKey[Route] = web.RequestKey("route", Route)
+CHECKED: web.RequestKey[tuple[Decision, str]] = web.RequestKey("checked", tuple)  # (decision, client)
 
 
 class Runtime:
     """A compiled config: the router, its routes and upstream clients, and the per-request settings."""
 
     def __init__(self, loaded: LoadedConfig, store: Store, *, workers: int | None = None,
-                 local: LocalLimiter | None = None, keys: KeyMemory | None = None) -> None:
+                 local: LocalLimiter | None = None, keys: KeyMemory | None = None,
+                 decisions: DecisionLog | None = None) -> None:
         cfg = loaded.config
         self.loaded = loaded
         self.store = store
+        self.decisions = decisions or DecisionLog(LogWriter(), loaded.sha256)
         # Process-wide memories, kept across reloads: rate-limit state for `stale`, API-key answers.
         self.local = local or LocalLimiter()
         self.keys = keys or KeyMemory()
@@ -136,9 +140,26 @@ class Proxy:
         except ClientGone as gone:
             # The client went away mid-response: counted as 499, the status nginx logs for it.
             self._count(request.get(ROUTE), 499, started)
+            self._log_decisions(request, rt, rid, 499)
             return gone.response
         self._count(request.get(ROUTE), resp.status, started)
+        self._log_decisions(request, rt, rid, resp.status)
         return resp
+
+    @staticmethod
+    def _log_decisions(request: web.BaseRequest, rt: Runtime, rid: str, status: int) -> None:
+        """One decision-log line per deny and per degraded verdict (SPEC §9)."""
+        checked = request.get(CHECKED)
+        if checked is None:
+            return
+        decision, client = checked
+        route = request[ROUTE].name
+        principal = decision.identity.principal if decision.identity is not None else None
+        for v in decision.verdicts:
+            if v.degraded or not v.allow:
+                rt.decisions.record(request_id=rid, route=route, check=v.check,
+                                    decision="allow" if v.allow else "deny", basis=v.basis, reason=v.reason,
+                                    status=status, client=client, principal=principal)
 
     @staticmethod
     def _count(route: Route | None, status: int, started: float) -> None:
@@ -181,6 +202,7 @@ class Proxy:
         if route.auth is not None or route.rate_limit is not None:
             client = rt.client_address(request.remote, headers.getall("X-Forwarded-For", []))
             decision = await run_checks(rt, route, headers, client)
+            request[CHECKED] = (decision, client)
             identity = decision.identity
             for v in decision.verdicts:
                 if v is not decision.deny:

@@ -15,78 +15,22 @@ import logging
 import os
 import shutil
 import signal
-import ssl
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from .config import LoadedConfig, load_text
 from .config.validate import resolve_workers
-
-if TYPE_CHECKING:
-    from .app import Runtime
-    from .store import Store
+from .serving import Serving
 
 log = logging.getLogger("failgate.server")
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
-
-
-class Serving:
-    """What one serving process owns: the compiled config and the proxy listener."""
-
-    def __init__(self, loaded: LoadedConfig, *, reuse_port: bool, workers: int = 1) -> None:
-        self.loaded = loaded
-        self.workers = workers
-        self._reuse_port = reuse_port
-        self._runner: web.ServerRunner | None = None
-        self.runtime: Runtime | None = None
-        self.store: Store | None = None
-
-    async def start(self) -> None:
-        from .app import Proxy, Runtime
-        from .listener import ProxyServer
-        from .store import open_store
-
-        cfg = self.loaded.config
-        self.store = open_store(cfg.store)
-        self.runtime = Runtime(self.loaded, self.store, workers=self.workers)
-        self.proxy = Proxy(self.runtime, tls=cfg.listen.tls is not None)
-        access_log: Any = None
-        if cfg.access_log:
-            from .observe.accesslog import JsonAccessLogger, access_logger
-
-            access_log = {"access_log": access_logger(), "access_log_class": JsonAccessLogger}
-        server = ProxyServer(
-            self.proxy.handle,
-            header_timeout=cfg.limits.header_timeout,
-            max_connections=cfg.limits.max_connections,
-            keepalive_timeout=75.0,
-            **(access_log or {"access_log": None}),
-        )
-        self._runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_grace)
-        await self._runner.setup()
-        ssl_context = None
-        if cfg.listen.tls is not None:
-            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_context.load_cert_chain(cfg.listen.tls.cert, cfg.listen.tls.key)
-        site = web.TCPSite(self._runner, cfg.listen.host, cfg.listen.port, ssl_context=ssl_context,
-                           backlog=1024, reuse_port=self._reuse_port or None)
-        await site.start()
-
-    async def stop(self) -> None:
-        """Stop accepting, let requests in flight finish within shutdown_grace, close the upstream pools."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self.runtime is not None:
-            await self.runtime.close()
-        if self.store is not None:
-            await self.store.close()
 
 
 def _install_stop_signals(stop: asyncio.Event, signals: tuple[int, ...]) -> None:
@@ -103,7 +47,11 @@ class SingleProcess:
         self.draining = False
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        return not self.draining, {"draining": self.draining, "workers": {"configured": 1, "ready": 1}}
+        return not self.draining, {"draining": self.draining, "workers": {"configured": 1, "ready": 1},
+                                   **self.serving.state()}
+
+    async def control(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        return self.serving.control(cmd)
 
     def current(self) -> LoadedConfig:
         return self.serving.loaded
@@ -117,7 +65,7 @@ async def run_single(loaded: LoadedConfig, on_started: Any = None) -> None:
 
     cfg = loaded.config
     owner = SingleProcess(loaded)
-    admin = web.AppRunner(build_admin(owner, cfg.admin.token), access_log=None)
+    admin = web.AppRunner(build_admin(owner, cfg.admin.token, chaos=cfg.admin.chaos), access_log=None)
     await admin.setup()
     await web.TCPSite(admin, cfg.admin.host, cfg.admin.port).start()
     await owner.serving.start()
@@ -153,6 +101,15 @@ async def worker_main() -> None:
     loaded = load_text(msg["text"], msg["source"])
     serving = Serving(loaded, reuse_port=True, workers=int(msg.get("workers", 1)))
     await serving.start()
+    assert serving.breaker is not None
+    from .observe.metrics import BREAKER_STATE
+    from .store.breaker import NAMES
+
+    def breaker_changed(state: int) -> None:
+        BREAKER_STATE.set(state)
+        send({"event": "state", "breaker": NAMES[state]})
+
+    serving.breaker.on_change = breaker_changed
     send({"event": "ready", "pid": os.getpid(), "sha256": loaded.sha256})
 
     stop = asyncio.Event()
@@ -166,7 +123,9 @@ async def worker_main() -> None:
             cmd = _decode(line)
             if cmd.get("op") == "stop":
                 break
-            log.warning("unknown control message %r", cmd.get("op"))
+            reply = serving.control(cmd)
+            if not reply.get("ok"):
+                log.warning("control message %r refused: %s", cmd.get("op"), reply.get("error"))
         stop.set()
 
     task = asyncio.create_task(control())
@@ -182,6 +141,7 @@ class Worker:
         self.index = index
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = False
+        self.breaker = "closed"
         self.started_at = 0.0
         self.listener: asyncio.Task[None] | None = None
 
@@ -192,12 +152,41 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(count)]
         self.draining = False
         self.restarts = 0
+        self.chaos: str | None = None
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         n = sum(w.ready for w in self.workers)
         ok = n > 0 and not self.draining
+        breakers = sorted({w.breaker for w in self.workers if w.ready})
         return ok, {"draining": self.draining,
-                    "workers": {"configured": len(self.workers), "ready": n, "restarts": self.restarts}}
+                    "workers": {"configured": len(self.workers), "ready": n, "restarts": self.restarts},
+                    "store": self.loaded.config.store.url.split("://", 1)[0],
+                    "breaker": breakers[0] if len(breakers) == 1 else ",".join(breakers) or "closed",
+                    "chaos": self.chaos}
+
+    async def control(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Validate here, then send to every worker (their stdin is their control channel)."""
+        if cmd.get("op") == "chaos":
+            from .config.schema import parse_duration
+            from .store.chaos import ChaosStore
+
+            try:
+                delay = parse_duration(cmd["delay"]) if cmd.get("delay") else 0.0
+                ChaosStore(None, 1.0).set(str(cmd.get("fault")), delay, parse_duration(cmd.get("for", "30s")))
+            except (ValueError, KeyError) as exc:
+                return {"ok": False, "error": str(exc)}
+            self.chaos = str(cmd.get("fault"))
+        elif cmd.get("op") == "chaos_clear":
+            self.chaos = None
+        self.broadcast(cmd)
+        return {"ok": True}
+
+    def broadcast(self, cmd: dict[str, Any]) -> None:
+        line = _encode(cmd) + b"\n"
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None and w.proc.stdin is not None:
+                with contextlib.suppress(ConnectionError):
+                    w.proc.stdin.write(line)
 
     def current(self) -> LoadedConfig:
         return self.loaded
@@ -224,7 +213,10 @@ class Supervisor:
             event = _decode(line)
             if event.get("event") == "ready":
                 w.ready = True
+                w.breaker = "closed"
                 log.info("worker %d ready (pid %d)", w.index, proc.pid)
+            elif event.get("event") == "state":
+                w.breaker = event.get("breaker", w.breaker)
         code = await proc.wait()
         w.ready = False
         from .observe.metrics import mark_dead
@@ -276,7 +268,7 @@ async def run_supervisor(loaded: LoadedConfig, count: int) -> None:
     sup = Supervisor(loaded, count)
     for w in sup.workers:
         await sup.spawn(w)
-    admin = web.AppRunner(build_admin(sup, cfg.admin.token), access_log=None)
+    admin = web.AppRunner(build_admin(sup, cfg.admin.token, chaos=cfg.admin.chaos), access_log=None)
     await admin.setup()
     await web.TCPSite(admin, cfg.admin.host, cfg.admin.port).start()
     log.info("failgate supervising %d workers on %s:%d (admin %s:%d), config %s sha256 %s", count,

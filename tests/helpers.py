@@ -144,9 +144,9 @@ def config_text(upstream_url: str, routes: str, *, port: int | None = None, admi
 class InProcessProxy:
     """The real proxy listener, served in the test's own event loop."""
 
-    def __init__(self, text: str, source: str = "test.yaml") -> None:
+    def __init__(self, text: str, source: str = "test.yaml", log_stream: Any = None) -> None:
         self.loaded = load_text(text, source)
-        self.serving = Serving(self.loaded, reuse_port=False)
+        self.serving = Serving(self.loaded, reuse_port=False, log_stream=log_stream)
         self.port = self.loaded.config.listen.port
 
     @property

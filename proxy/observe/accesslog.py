@@ -6,30 +6,32 @@ from __future__ import annotations
 import logging
 import time
 
-import msgspec
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-_encode = msgspec.json.Encoder().encode
+from .decisionlog import LogWriter
 
 
 def access_logger() -> logging.Logger:
-    logger = logging.getLogger("failgate.access")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-        logger.setLevel(logging.INFO)
-    return logger
+    return logging.getLogger("failgate.access")  # aiohttp wants one; lines go to WRITER instead
 
 
 class JsonAccessLogger(AbstractAccessLogger):
+    """One JSON line per request, through the same off-loop writer as the decision log."""
+
+    writer: LogWriter | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
     def log(self, request: BaseRequest, response: StreamResponse, time_taken: float) -> None:
         from ..app import ROUTE
 
+        if self.writer is None:
+            return
         route = request.get(ROUTE)
-        self.logger.info(_encode({
+        self.writer.put({
             "ts": round(time.time(), 3),
             "request_id": response.headers.get("X-Request-Id"),
             "route": route.name if route is not None else None,
@@ -38,4 +40,4 @@ class JsonAccessLogger(AbstractAccessLogger):
             "status": response.status,
             "duration_ms": round(time_taken * 1000, 3),
             "client": request.remote,
-        }).decode())
+        })

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as _mp
 
 if TYPE_CHECKING:
@@ -43,6 +43,11 @@ STORE_DURATION = Histogram(
     "failgate_store_duration_seconds", "Time one request waited for the store, all its checks together",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
     registry=REGISTRY,
+)
+
+BREAKER_STATE = Gauge(
+    "failgate_breaker_state", "The store breaker of each process: 0 closed, 1 half-open, 2 open",
+    registry=REGISTRY, multiprocess_mode="liveall",
 )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-Reason = Literal["timeout", "unavailable", "error"]
+Reason = Literal["timeout", "unavailable", "error", "breaker_open"]
 
 
 class StoreUnavailable(Exception):

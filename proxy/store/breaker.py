@@ -1,0 +1,105 @@
+"""The circuit breaker (SPEC §4), one per process, in front of the store.
+
+closed     every call goes to the store; `failures` consecutive transport failures open it.
+open       no call touches or waits for the store: StoreUnavailable("breaker_open") at once, for `open_for`.
+half-open  then exactly one call (the probe) goes through; its success closes the breaker, its failure opens it
+           again for another `open_for`. Calls arriving while the probe is out are refused like `open`.
+
+Only transport failures count: timeouts, refused or reset connections, server-wide error replies (LOADING,
+READONLY, OOM…). An error about one record (a malformed value) does not, so no client input can open it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import StoreUnavailable
+from .ops import Op
+
+log = logging.getLogger("failgate.breaker")
+
+CLOSED, HALF_OPEN, OPEN = 0, 1, 2
+NAMES = {CLOSED: "closed", HALF_OPEN: "half-open", OPEN: "open"}
+
+
+class Breaker:
+    def __init__(self, failures: int, open_for: float, *, clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[int], None] | None = None) -> None:
+        self.threshold = failures
+        self.open_for = open_for
+        self.clock = clock
+        self.on_change = on_change
+        self.state = CLOSED
+        self.consecutive = 0
+        self.opened_at = 0.0
+        self._probe_out = False
+
+    def allow(self) -> bool:
+        """May a call go to the store now? (Starts the half-open probe when it is time.)"""
+        state = self.state
+        if state == CLOSED:
+            return True
+        if state == OPEN and self.clock() - self.opened_at >= self.open_for:
+            self._set(HALF_OPEN)
+        if self.state == HALF_OPEN and not self._probe_out:
+            self._probe_out = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self.consecutive = 0
+        if self.state != CLOSED:
+            self._probe_out = False
+            self._set(CLOSED)
+
+    def failure(self) -> None:
+        self.consecutive += 1
+        if self.state == HALF_OPEN or (self.state == CLOSED and self.consecutive >= self.threshold):
+            self._probe_out = False
+            self.opened_at = self.clock()
+            self._set(OPEN)
+
+    def _set(self, state: int) -> None:
+        if state != self.state:
+            log.warning("store breaker %s -> %s (%d consecutive failures)", NAMES[self.state], NAMES[state],
+                        self.consecutive)
+            self.state = state
+            if self.on_change is not None:
+                self.on_change(state)
+
+
+class BreakerStore:
+    """A Store whose calls pass through the breaker."""
+
+    def __init__(self, inner: Any, breaker: Breaker) -> None:
+        self.inner = inner
+        self.breaker = breaker
+
+    async def execute(self, ops: Sequence[Op]) -> list[Any]:
+        breaker = self.breaker
+        if not breaker.allow():
+            raise StoreUnavailable("breaker_open", "the store breaker is open")
+        try:
+            results = await self.inner.execute(ops)
+        except StoreUnavailable as exc:
+            if exc.transport:
+                breaker.failure()
+            else:
+                breaker.success()
+            raise
+        except BaseException:
+            # cancelled (the client went away): the probe, if this was it, must not stay out forever
+            if breaker.state == HALF_OPEN:
+                breaker._probe_out = False
+            raise
+        if any(isinstance(r, StoreUnavailable) and r.transport for r in results):
+            breaker.failure()
+        else:
+            breaker.success()
+        return results
+
+    async def close(self) -> None:
+        await self.inner.close()

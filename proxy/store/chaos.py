@@ -1,0 +1,72 @@
+"""The game-day switch (`admin.chaos: true`, SPEC §9): make this process's store behave as if it failed.
+
+hang    every call waits store.timeout and fails with `timeout` (what a SIGSTOPped Redis does)
+refuse  every call fails at once with `unavailable` (a dead Redis)
+slow    every call is delayed by `delay`, and fails with `timeout` when that is past store.timeout
+
+It sits under the breaker, so a rehearsal exercises the breaker too. It ends by itself after `for`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import StoreUnavailable
+from .ops import Op
+
+MAX_FOR = 600.0
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str  # hang | refuse | slow
+    delay: float
+    until: float  # monotonic
+
+
+class ChaosStore:
+    def __init__(self, inner: Any, timeout: float) -> None:
+        self.inner = inner
+        self.timeout = timeout
+        self.fault: Fault | None = None
+
+    def set(self, kind: str, delay: float, duration: float) -> None:
+        if kind not in ("hang", "refuse", "slow"):
+            raise ValueError(f"fault must be hang, refuse or slow, got {kind!r}")
+        if not 0 < duration <= MAX_FOR:
+            raise ValueError("for must be above 0 and at most 10m")
+        if kind == "slow" and delay <= 0:
+            raise ValueError("slow needs a delay above 0, such as 80ms")
+        self.fault = Fault(kind, delay, time.monotonic() + duration)
+
+    def clear(self) -> None:
+        self.fault = None
+
+    def active(self) -> Fault | None:
+        fault = self.fault
+        if fault is not None and time.monotonic() >= fault.until:
+            self.fault = fault = None
+        return fault
+
+    async def execute(self, ops: Sequence[Op]) -> list[Any]:
+        fault = self.active()
+        if fault is None:
+            return await self.inner.execute(ops)  # type: ignore[no-any-return]
+        if fault.kind == "refuse":
+            raise StoreUnavailable("unavailable", "chaos: refuse")
+        if fault.kind == "hang" or fault.delay >= self.timeout:
+            await asyncio.sleep(self.timeout)
+            raise StoreUnavailable("timeout", f"chaos: {fault.kind}")
+        await asyncio.sleep(fault.delay)
+        try:
+            async with asyncio.timeout(self.timeout - fault.delay):  # the budget still counts from the queueing
+                return await self.inner.execute(ops)  # type: ignore[no-any-return]
+        except TimeoutError:
+            raise StoreUnavailable("timeout", "chaos: slow") from None
+
+    async def close(self) -> None:
+        await self.inner.close()

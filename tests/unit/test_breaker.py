@@ -1,0 +1,82 @@
+"""The breaker's states with an injected clock; the decision log's burst summary."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+from proxy.observe.decisionlog import DecisionLog, LogWriter
+from proxy.store.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_opens_after_consecutive_failures_then_one_probe_then_closes() -> None:
+    clock = Clock()
+    changes: list[int] = []
+    b = Breaker(3, 2.0, clock=clock, on_change=changes.append)
+    for _ in range(2):
+        assert b.allow()
+        b.failure()
+    b.allow()
+    b.success()  # a success resets the count
+    for _ in range(3):
+        assert b.allow()
+        b.failure()
+    assert b.state == OPEN and not b.allow()
+    clock.t += 1.99
+    assert not b.allow()
+    clock.t += 0.01
+    assert b.allow() and b.state == HALF_OPEN  # the probe
+    assert not b.allow()  # only one
+    b.success()
+    assert b.state == CLOSED and b.allow()
+    assert changes == [OPEN, HALF_OPEN, CLOSED]
+
+
+def test_a_failed_probe_opens_it_again_for_another_period() -> None:
+    clock = Clock()
+    b = Breaker(1, 5.0, clock=clock)
+    b.allow()
+    b.failure()
+    clock.t += 5
+    assert b.allow()
+    b.failure()
+    assert b.state == OPEN and not b.allow()
+    clock.t += 4.9
+    assert not b.allow()
+    clock.t += 0.1
+    assert b.allow()
+
+
+def test_decision_log_summarizes_bursts_per_route_per_second() -> None:
+    out = io.StringIO()
+    writer = LogWriter(out)
+    log = DecisionLog(writer, "abc", per_route_per_second=5)
+    sec = int(time.time())
+    while int(time.time()) != sec + 1:  # start at the beginning of a second
+        time.sleep(0.005)
+    for i in range(20):
+        log.record(request_id=f"r{i}", route="a", check="auth", decision="deny", basis="checked", reason=None,
+                   status=401, client="10.0.0.1", principal=None)
+    log.record(request_id="b", route="b", check="rate_limit", decision="allow", basis="open", reason="timeout",
+               status=200, client="10.0.0.2", principal="p")
+    time.sleep(1.05)
+    log.flush_suppressed()
+    writer.close()
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    a = [x for x in lines if x["route"] == "a"]
+    assert len([x for x in a if "request_id" in x]) == 5
+    assert [x["suppressed"] for x in a if "suppressed" in x] == [15]
+    b = [x for x in lines if x["route"] == "b"][0]
+    assert {k: b[k] for k in ("check", "decision", "basis", "reason", "status", "client", "principal",
+                              "config_sha256")} == {
+        "check": "rate_limit", "decision": "allow", "basis": "open", "reason": "timeout", "status": 200,
+        "client": "10.0.0.2", "principal": "p", "config_sha256": "abc"}
