@@ -75,7 +75,7 @@ def test_decision_log_summarizes_bursts_per_route_per_second() -> None:
     a = [x for x in lines if x["route"] == "a"]
     assert len([x for x in a if "request_id" in x]) == 5
     assert [x["suppressed"] for x in a if "suppressed" in x] == [15]
-    b = [x for x in lines if x["route"] == "b"][0]
+    b = next(x for x in lines if x["route"] == "b")
     assert {k: b[k] for k in ("check", "decision", "basis", "reason", "status", "client", "principal",
                               "config_sha256")} == {
         "check": "rate_limit", "decision": "allow", "basis": "open", "reason": "timeout", "status": 200,
