@@ -33,13 +33,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .config.validate import resolve_workers
+    from .reload import ConfigState
     from .server import run
 
     _setup_logging(args.verbose)
+    state = ConfigState(args.config, args.last_good)
     try:
-        loaded = load_file(args.config)
+        loaded = state.load_initial()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.workers is not None and args.workers < 1:
+        print("error: --workers must be 1 or more", file=sys.stderr)
         return 1
     workers = args.workers or resolve_workers(loaded.config.workers)
     if workers > 1 and loaded.config.store.url.startswith("memory://"):
@@ -47,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"(--workers {workers} given)", file=sys.stderr)
         return 1
     try:
-        run(loaded, workers)
+        run(state, workers)
     except OSError as exc:
         print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="serve the proxy")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
     p.add_argument("--workers", type=int, default=None, help="override `workers` from the config")
+    p.add_argument("--last-good", default=None, metavar="PATH",
+                   help="keep a copy of every accepted config here; start from it when the file is invalid")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_run)
 

@@ -17,13 +17,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from .config import LoadedConfig, format_duration
 from .config.schema import ByteSize, Duration
 from .observe.metrics import exposition
+from .reload import ConfigState
 
 
 class Status(Protocol):
+    config: ConfigState
+
     def ready(self) -> tuple[bool, dict[str, Any]]: ...
-    def current(self) -> LoadedConfig: ...
-    def last_error(self) -> str | None: ...
     async def control(self, cmd: dict[str, Any]) -> dict[str, Any]: ...
+    async def reload(self) -> dict[str, Any]: ...
 
 
 _json = msgspec.json.Encoder().encode
@@ -90,15 +92,16 @@ def build_admin(status: Status, token: str | None, *, chaos: bool = False) -> we
                             content_type="application/json")
 
     async def config(_: web.Request) -> web.Response:
-        loaded = status.current()
-        body = {
-            "sha256": loaded.sha256,
-            "loaded_at": loaded.loaded_at,
-            "source": loaded.source,
-            "last_reload_error": status.last_error(),
-            "config": redacted(loaded),
-        }
+        state = status.config
+        loaded = state.current
+        assert loaded is not None
+        body = {"sha256": loaded.sha256, "loaded_at": loaded.loaded_at, **state.describe(),
+                "config": redacted(loaded)}
         return web.Response(body=_json(body), content_type="application/json")
+
+    async def reload(_: web.Request) -> web.Response:
+        result = await status.reload()
+        return web.json_response(result, status=422 if result["result"] == "rejected" else 200)
 
     async def metrics(_: web.Request) -> web.Response:
         resp = web.Response(body=exposition())
@@ -134,4 +137,5 @@ def build_admin(status: Status, token: str | None, *, chaos: bool = False) -> we
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/config", config)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/reload", reload)
     return app

@@ -6,6 +6,7 @@ atomic swap of `Proxy.runtime`) never changes the config under a request in flig
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import re
@@ -55,7 +56,7 @@ class Runtime:
 
     def __init__(self, loaded: LoadedConfig, store: Store, *, workers: int | None = None,
                  local: LocalLimiter | None = None, keys: KeyMemory | None = None,
-                 decisions: DecisionLog | None = None) -> None:
+                 decisions: DecisionLog | None = None, upstreams: dict[str, UpstreamClient] | None = None) -> None:
         cfg = loaded.config
         self.loaded = loaded
         self.store = store
@@ -65,7 +66,12 @@ class Runtime:
         self.keys = keys or KeyMemory()
         self.store_metrics = StoreMetrics()
         workers = workers or resolve_workers(cfg.workers)
-        self.upstreams = {name: UpstreamClient(name, up) for name, up in cfg.upstreams.items()}
+        # An upstream whose settings did not change keeps its pooled session across a reload.
+        reuse = upstreams or {}
+        self.upstreams = {name: reuse[name] if name in reuse and reuse[name].cfg == up else UpstreamClient(name, up)
+                          for name, up in cfg.upstreams.items()}
+        self.active = 0  # requests in flight on this runtime
+        self._drained: asyncio.Event | None = None
         entries = []
         for r in cfg.routes:
             m = compile_match(r.match.path, r.match.prefix, r.match.methods, r.match.host)
@@ -91,9 +97,22 @@ class Runtime:
         ) | HOP_BY_HOP
         self.own = frozenset([cfg.headers.degraded.lower(), *_OWN])
 
-    async def close(self) -> None:
+    async def close(self, keep: set[UpstreamClient] | None = None) -> None:
         for up in self.upstreams.values():
-            await up.close()
+            if keep is None or up not in keep:
+                await up.close()
+
+    async def drained(self) -> None:
+        """Wait until no request started on this runtime is still in flight (after a swap)."""
+        if self.active == 0:
+            return
+        self._drained = asyncio.Event()
+        await self._drained.wait()
+
+    def _finished(self) -> None:
+        self.active -= 1
+        if self.active == 0 and self._drained is not None:
+            self._drained.set()
 
     def client_address(self, peer: str | None, xff: list[str]) -> str:
         """The rightmost address not in `trusted_proxies` (the peer itself when it is not trusted)."""
@@ -129,6 +148,7 @@ class Proxy:
         rid = request.headers.get(rid_header)
         if rid is None or not _REQUEST_ID_OK.match(rid):
             rid = os.urandom(12).hex()
+        rt.active += 1
         try:
             resp = await self._handle(request, rt, rid)
         except UpstreamFailed as exc:
@@ -142,6 +162,8 @@ class Proxy:
             self._count(request.get(ROUTE), 499, started)
             self._log_decisions(request, rt, rid, 499)
             return gone.response
+        finally:
+            rt._finished()
         self._count(request.get(ROUTE), resp.status, started)
         self._log_decisions(request, rt, rid, resp.status)
         return resp

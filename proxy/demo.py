@@ -105,8 +105,12 @@ async def _main() -> int:
     def started(serving: object) -> None:
         print(GUIDE.format(key=seed_demo_key(serving)), flush=True)
 
+    from .reload import ConfigState
+
+    state = ConfigState("config/demo.yaml", None)
+    state.current = loaded
     try:
-        await run_single(loaded, on_started=started)
+        await run_single(state, on_started=started)
     finally:
         await runner.cleanup()
     return 0

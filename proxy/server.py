@@ -23,8 +23,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from .config import LoadedConfig, load_text
+from .config import ConfigError, LoadedConfig, load_text
 from .config.validate import resolve_workers
+from .reload import ConfigCollector, ConfigState, watch_file
 from .serving import Serving
 
 log = logging.getLogger("failgate.server")
@@ -42,40 +43,82 @@ def _install_stop_signals(stop: asyncio.Event, signals: tuple[int, ...]) -> None
 # --- one process ----------------------------------------------------------------------------------------------
 
 class SingleProcess:
-    def __init__(self, loaded: LoadedConfig) -> None:
-        self.serving = Serving(loaded, reuse_port=False)
+    def __init__(self, state: ConfigState) -> None:
+        assert state.current is not None
+        self.config = state
+        self.serving = Serving(state.current, reuse_port=False)
         self.draining = False
+        self._lock = asyncio.Lock()
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         return not self.draining, {"draining": self.draining, "workers": {"configured": 1, "ready": 1},
-                                   **self.serving.state()}
+                                   "sha256": self.serving.loaded.sha256, **self.serving.state()}
 
     async def control(self, cmd: dict[str, Any]) -> dict[str, Any]:
         return self.serving.control(cmd)
 
-    def current(self) -> LoadedConfig:
-        return self.serving.loaded
+    async def reload(self) -> dict[str, Any]:
+        async with self._lock:  # one at a time: the last one wins
+            loaded = self.config.try_reload()
+            if loaded is not None:
+                await self.serving.reload(loaded)
+            return _reload_result(self.config, loaded)
 
-    def last_error(self) -> str | None:
-        return None
+
+def _reload_result(state: ConfigState, loaded: LoadedConfig | None) -> dict[str, Any]:
+    assert state.current is not None
+    if state.last_error is not None and loaded is None:
+        return {"result": "rejected", "error": state.last_error, "sha256": state.current.sha256}
+    return {"result": "accepted" if loaded is not None else "unchanged", "sha256": state.current.sha256}
 
 
-async def run_single(loaded: LoadedConfig, on_started: Any = None) -> None:
+async def _serve_admin(owner: Any, cfg: Any) -> web.AppRunner:
     from .admin import build_admin
 
-    cfg = loaded.config
-    owner = SingleProcess(loaded)
     admin = web.AppRunner(build_admin(owner, cfg.admin.token, chaos=cfg.admin.chaos), access_log=None)
     await admin.setup()
     await web.TCPSite(admin, cfg.admin.host, cfg.admin.port).start()
+    return admin
+
+
+async def _until_stopped(owner: Any, cfg: Any) -> None:
+    """SIGTERM/SIGINT end it; SIGHUP (and, with `watch`, a changed file) reloads."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    _install_stop_signals(stop, (signal.SIGTERM, signal.SIGINT))
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def reload_soon() -> None:
+        task = loop.create_task(owner.reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_soon)
+    watcher = None
+    if cfg.watch:
+        async def changed() -> None:
+            await owner.reload()
+
+        watcher = loop.create_task(watch_file(owner.config.path, changed))
+    await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
+    for task in list(tasks):
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def run_single(state: ConfigState, on_started: Any = None) -> None:
+    assert state.current is not None
+    cfg = state.current.config
+    owner = SingleProcess(state)
+    admin = await _serve_admin(owner, cfg)
     await owner.serving.start()
     if on_started is not None:
         on_started(owner.serving)
     log.info("failgate serving on %s:%d (admin %s:%d), config %s sha256 %s", cfg.listen.host, cfg.listen.port,
-             cfg.admin.host, cfg.admin.port, loaded.source, loaded.sha256[:12])
-    stop = asyncio.Event()
-    _install_stop_signals(stop, (signal.SIGTERM, signal.SIGINT))
-    await stop.wait()
+             cfg.admin.host, cfg.admin.port, state.current.source, state.current.sha256[:12])
+    await _until_stopped(owner, cfg)
     owner.draining = True
     log.info("draining (up to %ss)", cfg.shutdown_grace)
     await owner.serving.stop()
@@ -123,6 +166,15 @@ async def worker_main() -> None:
             cmd = _decode(line)
             if cmd.get("op") == "stop":
                 break
+            if cmd.get("op") == "reload":
+                try:
+                    new = load_text(cmd["text"], cmd["source"])
+                except ConfigError as exc:  # the parent validated it; this would be a bug, not a bad file
+                    log.error("reload refused in the worker: %s", exc)
+                    continue
+                await serving.reload(new)
+                send({"event": "reloaded", "sha256": new.sha256})
+                continue
             reply = serving.control(cmd)
             if not reply.get("ok"):
                 log.warning("control message %r refused: %s", cmd.get("op"), reply.get("error"))
@@ -142,13 +194,17 @@ class Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = False
         self.breaker = "closed"
+        self.sha256 = ""
         self.started_at = 0.0
         self.listener: asyncio.Task[None] | None = None
 
 
 class Supervisor:
-    def __init__(self, loaded: LoadedConfig, count: int) -> None:
-        self.loaded = loaded
+    def __init__(self, state: ConfigState, count: int) -> None:
+        assert state.current is not None
+        self.config = state
+        self.loaded = state.current
+        self._lock = asyncio.Lock()
         self.workers = [Worker(i) for i in range(count)]
         self.draining = False
         self.restarts = 0
@@ -159,7 +215,9 @@ class Supervisor:
         ok = n > 0 and not self.draining
         breakers = sorted({w.breaker for w in self.workers if w.ready})
         return ok, {"draining": self.draining,
-                    "workers": {"configured": len(self.workers), "ready": n, "restarts": self.restarts},
+                    "workers": {"configured": len(self.workers), "ready": n, "restarts": self.restarts,
+                                "sha256": [w.sha256 for w in self.workers]},
+                    "sha256": self.loaded.sha256,
                     "store": self.loaded.config.store.url.split("://", 1)[0],
                     "breaker": breakers[0] if len(breakers) == 1 else ",".join(breakers) or "closed",
                     "chaos": self.chaos}
@@ -188,11 +246,14 @@ class Supervisor:
                 with contextlib.suppress(ConnectionError):
                     w.proc.stdin.write(line)
 
-    def current(self) -> LoadedConfig:
-        return self.loaded
-
-    def last_error(self) -> str | None:
-        return None
+    async def reload(self) -> dict[str, Any]:
+        """Parse, validate and compile once here; then every worker swaps."""
+        async with self._lock:
+            loaded = self.config.try_reload()
+            if loaded is not None:
+                self.loaded = loaded
+                self.broadcast({"op": "reload", "source": loaded.source, "text": loaded.text})
+            return _reload_result(self.config, loaded)
 
     async def spawn(self, w: Worker) -> None:
         w.ready = False
@@ -211,6 +272,8 @@ class Supervisor:
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
             event = _decode(line)
+            if event.get("event") in ("ready", "reloaded"):
+                w.sha256 = event.get("sha256", "")
             if event.get("event") == "ready":
                 w.ready = True
                 w.breaker = "closed"
@@ -261,36 +324,36 @@ def prepare_multiprocess_metrics() -> str:
     return path
 
 
-async def run_supervisor(loaded: LoadedConfig, count: int) -> None:
-    from .admin import build_admin
-
+async def run_supervisor(state: ConfigState, count: int) -> None:
+    assert state.current is not None
+    loaded = state.current
     cfg = loaded.config
-    sup = Supervisor(loaded, count)
+    sup = Supervisor(state, count)
     for w in sup.workers:
         await sup.spawn(w)
-    admin = web.AppRunner(build_admin(sup, cfg.admin.token, chaos=cfg.admin.chaos), access_log=None)
-    await admin.setup()
-    await web.TCPSite(admin, cfg.admin.host, cfg.admin.port).start()
+    admin = await _serve_admin(sup, cfg)
     log.info("failgate supervising %d workers on %s:%d (admin %s:%d), config %s sha256 %s", count,
              cfg.listen.host, cfg.listen.port, cfg.admin.host, cfg.admin.port, loaded.source, loaded.sha256[:12])
-    stop = asyncio.Event()
-    _install_stop_signals(stop, (signal.SIGTERM, signal.SIGINT))
-    await stop.wait()
+    await _until_stopped(sup, cfg)
     log.info("draining %d workers (up to %ss)", count, cfg.shutdown_grace)
     await sup.stop(cfg.shutdown_grace)
     await admin.cleanup()
 
 
-def run(loaded: LoadedConfig, workers_override: int | None = None) -> None:
+def run(state: ConfigState, workers_override: int | None = None) -> None:
     import uvloop
 
-    count = workers_override or resolve_workers(loaded.config.workers)
+    assert state.current is not None
+    count = workers_override or resolve_workers(state.current.config.workers)
+    from .observe.metrics import register_owned  # after PROMETHEUS_MULTIPROC_DIR is settled
+
+    register_owned(ConfigCollector(state))
     if count == 1:
-        uvloop.run(run_single(loaded))
+        uvloop.run(run_single(state))
         return
     metrics_dir = prepare_multiprocess_metrics()
     try:
-        uvloop.run(run_supervisor(loaded, count))
+        uvloop.run(run_supervisor(state, count))
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 

@@ -38,6 +38,9 @@ class Serving:
         self.store: Any = None  # the raw client (memory or redis)
         self.chaos: ChaosStore | None = None
         self.breaker: Breaker | None = None
+        self.stack: Any = None
+        self._server: Any = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self.writer = LogWriter(log_stream)
 
     async def start(self) -> None:
@@ -45,13 +48,9 @@ class Serving:
         from .listener import ProxyServer
 
         cfg = self.loaded.config
-        self.store = open_store(cfg.store)
-        self.chaos = ChaosStore(self.store, cfg.store.timeout)
-        BREAKER_STATE.set(0)
-        self.breaker = Breaker(cfg.store.breaker.failures, cfg.store.breaker.open_for, on_change=BREAKER_STATE.set)
-        store = BreakerStore(self.chaos, self.breaker)
+        stack = self._store_stack(cfg.store)
         decisions = DecisionLog(self.writer, self.loaded.sha256)
-        self.runtime = Runtime(self.loaded, store, workers=self.workers, decisions=decisions)
+        self.runtime = Runtime(self.loaded, stack, workers=self.workers, decisions=decisions)
         self.proxy = Proxy(self.runtime, tls=cfg.listen.tls is not None)
         kwargs: dict[str, Any] = {"access_log": None}
         if cfg.access_log:
@@ -59,8 +58,9 @@ class Serving:
 
             JsonAccessLogger.writer = self.writer
             kwargs = {"access_log": access_logger(), "access_log_class": JsonAccessLogger}
-        server = ProxyServer(self.proxy.handle, header_timeout=cfg.limits.header_timeout,
-                             max_connections=cfg.limits.max_connections, keepalive_timeout=75.0, **kwargs)
+        server = self._server = ProxyServer(self.proxy.handle, header_timeout=cfg.limits.header_timeout,
+                                           max_connections=cfg.limits.max_connections, keepalive_timeout=75.0,
+                                           **kwargs)
         self._runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_grace)
         await self._runner.setup()
         ssl_context = None
@@ -71,6 +71,50 @@ class Serving:
                            backlog=1024, reuse_port=self._reuse_port or None)
         await site.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    def _store_stack(self, store_cfg: Any) -> BreakerStore:
+        """client -> chaos switch -> breaker; the breaker's state goes to the gauge (and, in a worker, the parent)."""
+        self.store = open_store(store_cfg)
+        self.chaos = ChaosStore(self.store, store_cfg.timeout)
+        BREAKER_STATE.set(0)
+        on_change = self.breaker.on_change if self.breaker is not None else BREAKER_STATE.set
+        self.breaker = Breaker(store_cfg.breaker.failures, store_cfg.breaker.open_for, on_change=on_change)
+        self.stack = BreakerStore(self.chaos, self.breaker)
+        return self.stack
+
+    async def reload(self, loaded: LoadedConfig) -> None:
+        """Swap to a new, already validated config. Requests in flight finish on the runtime they started with;
+        the store client, breaker and stale state are kept when `store` did not change."""
+        from .app import Runtime
+
+        old, old_cfg, cfg = self.runtime, self.loaded.config, loaded.config
+        assert old is not None and self.proxy is not None
+        for key in ("listen", "workers", "access_log", "shutdown_grace", "admin"):
+            if getattr(cfg, key) != getattr(old_cfg, key):
+                log.warning("reload: `%s` changed; it takes effect at the next restart", key)
+        old_store = None
+        if cfg.store != old_cfg.store:
+            old_store = self.store
+            stack, local, keys = self._store_stack(cfg.store), None, None
+            log.info("reload: `store` changed; new store client, breaker and stale state")
+        else:
+            stack, local, keys = self.stack, old.local, old.keys
+        new = Runtime(loaded, stack, workers=self.workers, local=local, keys=keys,
+                      decisions=DecisionLog(self.writer, loaded.sha256), upstreams=old.upstreams)
+        self.proxy.runtime = self.runtime = new  # the atomic swap
+        self.loaded = loaded
+        self._server.header_timeout = cfg.limits.header_timeout
+        self._server.max_connections = cfg.limits.max_connections
+        task = asyncio.get_running_loop().create_task(self._retire(old, new, old_store))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, old: Runtime, new: Runtime, old_store: Any) -> None:
+        await old.drained()
+        await old.close(keep=set(new.upstreams.values()))
+        old.decisions.flush_suppressed()
+        if old_store is not None:
+            await old_store.close()
 
     async def _tick(self) -> None:
         while True:
@@ -100,6 +144,8 @@ class Serving:
             log.warning("chaos: store fault %s for %s (delay %s)", cmd.get("fault"), cmd.get("for", "30s"),
                         cmd.get("delay") or "-")
             return {"ok": True}
+        if op == "reload":
+            return {"ok": True, "async": True}  # handled by the caller, which awaits reload()
         if op == "chaos_clear":
             assert self.chaos is not None
             self.chaos.clear()
@@ -111,6 +157,9 @@ class Serving:
         """Stop accepting, let requests in flight finish within shutdown_grace, close pools, store and log."""
         if self._runner is not None:
             await self._runner.cleanup()
+        for task in list(self._retiring):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as _mp
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from ..decision import Verdict
@@ -55,6 +56,16 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+_OWNED: list[Collector] = []
+
+
+def register_owned(collector: Collector) -> None:
+    """A collector of the process that owns the admin listener (config metrics): exported as is, never
+    aggregated across workers."""
+    REGISTRY.register(collector)
+    _OWNED.append(collector)
+
+
 def exposition() -> bytes:
     """The text exposition: this process's registry, or every worker's when running multiprocess."""
     path = multiprocess_dir()
@@ -62,6 +73,8 @@ def exposition() -> bytes:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()
     _mp.MultiProcessCollector(registry, path=path)
+    for collector in _OWNED:
+        registry.register(collector)
     return generate_latest(registry)
 
 
