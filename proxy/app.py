@@ -60,10 +60,10 @@ class Runtime:
         cfg = loaded.config
         self.loaded = loaded
         self.store = store
-        self.decisions = decisions or DecisionLog(LogWriter(), loaded.sha256)
+        self.decisions = decisions if decisions is not None else DecisionLog(LogWriter(), loaded.sha256)
         # Process-wide memories, kept across reloads: rate-limit state for `stale`, API-key answers.
-        self.local = local or LocalLimiter()
-        self.keys = keys or KeyMemory()
+        self.local = local if local is not None else LocalLimiter()
+        self.keys = keys if keys is not None else KeyMemory()  # (an empty KeyMemory is falsy: no `or` here)
         self.store_metrics = StoreMetrics()
         workers = workers or resolve_workers(cfg.workers)
         # An upstream whose settings did not change keeps its pooled session across a reload.

@@ -164,14 +164,16 @@ class InProcessProxy:
 class ProxyProcess:
     """`python -m proxy run -c FILE` as a real process."""
 
-    def __init__(self, config_path: Path, *args: str) -> None:
+    def __init__(self, config_path: Path, *args: str, port: int | None = None, admin_port: int | None = None) -> None:
         self.config_path = config_path
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
-        from proxy.config import load_file
+        if port is None or admin_port is None:
+            from proxy.config import load_file
 
-        cfg = load_file(str(config_path)).config
-        self.port, self.admin_port = cfg.listen.port, cfg.admin.port
+            cfg = load_file(str(config_path)).config
+            port, admin_port = cfg.listen.port, cfg.admin.port
+        self.port, self.admin_port = port, admin_port
         self.log_path = config_path.with_suffix(".log")
 
     @property
