@@ -104,3 +104,36 @@ async def test_admin_endpoints(upstream: Upstream, tmp_path: Path, monkeypatch) 
                 assert "failgate_requests_total" not in await r.text()
     finally:
         assert p.stop() == 0
+
+
+async def test_sigterm_under_load_finishes_every_request_in_flight(upstream: Upstream, tmp_path: Path) -> None:
+    import asyncio
+
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(config_text(upstream.url, ALL, extra="shutdown_grace: 10s\n"))
+    p = ProxyProcess(cfg).start()
+    try:
+        await p.wait_ready()
+        async with aiohttp.ClientSession() as s:
+            async def slow() -> int:
+                async with s.get(p.url + "/sleep?s=1.5") as r:
+                    assert await r.text() == "slept"
+                    return r.status
+
+            in_flight = [asyncio.create_task(slow()) for _ in range(20)]
+            await asyncio.sleep(0.5)
+            assert p.proc is not None
+            p.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            async with s.get(p.admin + "/readyz") as r:  # unready at once, while draining
+                assert r.status == 503 and (await r.json())["draining"] is True
+            try:
+                async with aiohttp.ClientSession() as fresh, fresh.get(p.url + "/x") as r:
+                    refused = False
+            except aiohttp.ClientConnectionError:
+                refused = True
+            assert refused  # no longer accepting
+            assert await asyncio.gather(*in_flight) == [200] * 20
+        assert p.proc.wait(15) == 0
+    finally:
+        p.stop()

@@ -1,0 +1,96 @@
+"""TLS: the HTTPS listener, and upstream certificates verified unless `tls_verify: false` (SPEC §6)."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.certs import CA
+from tests.helpers import ProxyProcess, Upstream, config_text, free_port
+
+ALL = "- name: all\n  match: {path: /, prefix: true}\n  upstream: api\n"
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CA:
+    return CA(tmp_path)
+
+
+async def test_https_listener(upstream: Upstream, ca: CA, tmp_path: Path) -> None:
+    leaf = ca.issue("proxy")
+    cfg = tmp_path / "f.yaml"
+    port = free_port()
+    text = config_text(upstream.url, ALL, port=port)
+    cfg.write_text(text.replace(f"listen: {{host: 127.0.0.1, port: {port}}}",
+                                f"listen: {{host: 127.0.0.1, port: {port}, tls: {{cert: {leaf.cert}, "
+                                f"key: {leaf.key}}}}}"))
+    p = ProxyProcess(cfg).start()
+    try:
+        await p.wait_ready()
+        trusted = ssl.create_default_context(cafile=str(ca.cert))
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"https://127.0.0.1:{port}/x", ssl=trusted) as r:
+                assert r.status == 200
+            seen = [v for k, v in upstream.seen[-1]["headers"] if k == "X-Forwarded-Proto"]
+            assert seen == ["https"]
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                async with s.get(f"https://127.0.0.1:{port}/x"):  # the system CAs don't know ours
+                    pass
+            with pytest.raises(aiohttp.ClientError):
+                async with s.get(f"http://127.0.0.1:{port}/x"):  # plain HTTP on the TLS port
+                    pass
+    finally:
+        assert p.stop() == 0
+
+
+async def _tls_upstream(leaf_cert: Path, leaf_key: Path) -> tuple[web.AppRunner, int]:
+    async def hello(_: web.Request) -> web.Response:
+        return web.Response(text="secure hello")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(leaf_cert), str(leaf_key))
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+    return runner, port
+
+
+@pytest.mark.parametrize(
+    ("san", "tls_verify", "trust_ca", "status"),
+    [
+        ("DNS:localhost,IP:127.0.0.1", True, True, 200),   # a certificate we trust: verified and used
+        ("DNS:localhost,IP:127.0.0.1", True, False, 502),  # an unknown CA: refused
+        ("DNS:elsewhere.example", True, True, 502),        # the wrong name: refused
+        ("DNS:elsewhere.example", False, False, 200),      # tls_verify: false accepts anything
+    ],
+)
+async def test_upstream_certificates_are_verified(ca: CA, tmp_path: Path, san: str, tls_verify: bool,
+                                                  trust_ca: bool, status: int, monkeypatch) -> None:  # type: ignore
+    leaf = ca.issue("upstream", san)
+    runner, up_port = await _tls_upstream(leaf.cert, leaf.key)
+    try:
+        cfg = tmp_path / "f.yaml"
+        cfg.write_text(config_text(f"https://127.0.0.1:{up_port}", ALL,
+                                   upstream_extra=f"tls_verify: {'true' if tls_verify else 'false'}\n"))
+        if trust_ca:
+            monkeypatch.setenv("SSL_CERT_FILE", str(ca.cert))  # OpenSSL's default trust store, for the proxy
+        p = ProxyProcess(cfg).start()
+        try:
+            await p.wait_ready()
+            async with aiohttp.ClientSession() as s, s.get(p.url + "/x") as r:
+                assert r.status == status
+                if status == 200:
+                    assert await r.text() == "secure hello"
+                else:
+                    assert (await r.json())["error"] == "upstream_unavailable"
+        finally:
+            assert p.stop() == 0
+    finally:
+        await runner.cleanup()
