@@ -151,6 +151,15 @@ routes:
     match: {{path: /rl/gcra, prefix: true}}
     upstream: api
     rate_limit: {{limit: 1000000000, per: 1m, algorithm: gcra, key: client_ip, {rl}}}
+  - name: auth
+    match: {{path: /auth, prefix: true}}
+    upstream: api
+    auth: {{type: api_key, scheme: Bearer, on_store_error: closed}}
+  - name: auth-rl
+    match: {{path: /auth-rl, prefix: true}}
+    upstream: api
+    auth: {{type: api_key, scheme: Bearer, on_store_error: closed}}
+    rate_limit: {{limit: 1000000000, per: 1m, key: client_ip, {rl}}}
   - name: open
     match: {{path: /open, prefix: true}}
     upstream: api
@@ -160,6 +169,16 @@ routes:
     upstream: api
     rate_limit: {{limit: 1000000000, per: 1m, key: route, on_store_error: closed}}
 """)
+
+
+def _seed_key(redis_url: str) -> str:
+    from proxy.config import load_text
+    from proxy.keys import add
+
+    loaded = load_text(f"version: 1\nstore: {{url: '{redis_url}'}}\nupstreams: {{a: {{url: 'http://x'}}}}\n"
+                       "routes: [{name: a, match: {path: /}, upstream: a}]\n", "bench")
+    key, _ = add(loaded, "bench", [], None)
+    return key
 
 
 def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
@@ -199,6 +218,13 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
         if want("passthrough"):
             for c in (64, 8, 1):
                 bench.measure("failgate passthrough", base + "/pass", concurrency=c, servers=("failgate",))
+        key = _seed_key(f"redis://127.0.0.1:{redis_port}/0")
+        bearer = [("Authorization", f"Bearer {key}")]
+        if want("auth"):
+            bench.measure("failgate auth", base + "/auth", servers=("failgate", "redis"), headers=bearer)
+            for c in (64, 8, 1):
+                bench.measure("failgate auth + rate_limit", base + "/auth-rl", concurrency=c,
+                              servers=("failgate", "redis"), headers=bearer)
         if want("rate_limit"):
             for algo in ("fixed", "sliding", "gcra"):
                 bench.measure(f"failgate rate_limit {algo}", base + f"/rl/{algo}", servers=("failgate", "redis"))

@@ -58,6 +58,16 @@ Try:
   curl -si -X DELETE localhost:8080/api/v1/users      # 405: the route allows GET, POST
   curl -si 'localhost:8080/public/%2e%2e/admin'       # normalized to /admin before matching
   curl -s localhost:9901/metrics | grep -E 'failgate_(requests|decisions)_total'
+
+Rehearse a store outage (the game-day switch):
+  curl -s -XPOST localhost:9901/chaos/store -d '{{"fault": "hang", "for": "60s"}}'
+  curl -si localhost:8080/public/x | grep -i failgate-degraded     # rate_limit;mode=open;reason=timeout,
+                                                                   # then reason=breaker_open
+  curl -si -H "Authorization: Bearer $KEY" localhost:8080/api/v1/x | grep -i degraded
+                                                                   # auth;mode=stale;...;age=N: remembered
+  curl -si localhost:8080/admin -H "Authorization: Bearer $KEY"    # admin fails closed: 503, Retry-After
+  curl -s localhost:9901/readyz                                    # still ready; breaker and chaos state
+  curl -s -XDELETE localhost:9901/chaos/store                      # recovered after breaker.open_for (2 s)
 Ctrl-C stops it.
 """
 
