@@ -49,6 +49,7 @@ class Result:
     degraded: Counter[str] = field(default_factory=Counter)  # by mode (a response may carry several)
     errors: Counter[str] = field(default_factory=Counter)
     cpu: float = 0.0  # the generator's own CPU seconds
+    started_wall: float = 0.0  # time.time() when measuring began (for lining up events)
     timeline: list[dict[str, Any]] = field(default_factory=list)  # per second: n, degraded, p99_us, statuses
 
     @property
@@ -63,6 +64,7 @@ class Result:
         self.degraded.update(other.degraded)
         self.errors.update(other.errors)
         self.cpu += other.cpu
+        self.started_wall = min(self.started_wall or other.started_wall, other.started_wall or self.started_wall)
         for i, sec in enumerate(other.timeline):
             if i >= len(self.timeline):
                 self.timeline.append({"n": 0, "degraded": 0, "hist": Histogram(), "statuses": Counter()})
@@ -81,7 +83,7 @@ class Result:
                            "mean": round(h.total / h.count) if h.count else 0},
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "degraded": dict(self.degraded), "errors": dict(self.errors),
-            "generator_cpu_s": round(self.cpu, 3),
+            "generator_cpu_s": round(self.cpu, 3), "started_wall": self.started_wall,
             "generator_cpu_us_per_request": round(self.cpu * 1e6 / self.requests, 1) if self.requests else None,
             "timeline": [{"second": i, "n": s["n"], "degraded": s["degraded"], "p99_us": s["hist"].percentile(99),
                           "statuses": {str(k): v for k, v in s["statuses"].items()}}
@@ -249,6 +251,7 @@ class _Generator:
     async def run(self) -> Result:
         self.start = time.perf_counter()
         self.measure_from = self.start + self.opts.warmup
+        self.result.started_wall = time.time() + self.opts.warmup
         self.stop_at = self.measure_from + self.opts.duration
         cpu_at_start: list[float] = []
         self.loop.call_later(self.opts.warmup, lambda: cpu_at_start.append(_cpu()))
@@ -301,7 +304,7 @@ def _child(opts: Options, connections: int, rate: float | None, out: Any) -> Non
 def _encode(r: Result) -> str:
     return json.dumps({
         "requests": r.requests, "duration": r.duration, "hist": r.hist.to_json(), "statuses": r.statuses,
-        "degraded": r.degraded, "errors": r.errors, "cpu": r.cpu,
+        "degraded": r.degraded, "errors": r.errors, "cpu": r.cpu, "started_wall": r.started_wall,
         "timeline": [{"n": s["n"], "degraded": s["degraded"], "hist": s["hist"].to_json(), "statuses": s["statuses"]}
                      for s in r.timeline],
     })
@@ -312,7 +315,7 @@ def _decode(text: str) -> Result:
     return Result(
         requests=d["requests"], duration=d["duration"], hist=Histogram.from_json(d["hist"]),
         statuses=Counter({int(k): v for k, v in d["statuses"].items()}), degraded=Counter(d["degraded"]),
-        errors=Counter(d["errors"]), cpu=d["cpu"],
+        errors=Counter(d["errors"]), cpu=d["cpu"], started_wall=d["started_wall"],
         timeline=[{"n": s["n"], "degraded": s["degraded"], "hist": Histogram.from_json(s["hist"]),
                    "statuses": Counter({int(k): v for k, v in s["statuses"].items()})} for s in d["timeline"]],
     )

@@ -274,11 +274,15 @@ def _timeline(bench: Bench, base: str, switch: Callable[[str], Callable[[], None
           f"for {hang_for}s")
     import threading
 
+    switched: list[float] = []
+
     def outage() -> None:
-        time.sleep(1.0 + hang_at)  # after the warm-up
+        time.sleep(1.5 + hang_at)  # the generator's start-up and warm-up, roughly; lined up exactly below
         switch("blackhole")()
+        switched.append(time.time())
         time.sleep(hang_for)
         switch("pass")()
+        switched.append(time.time())
 
     t = threading.Thread(target=outage, daemon=True)
     t.start()
@@ -286,6 +290,9 @@ def _timeline(bench: Bench, base: str, switch: Callable[[str], Callable[[], None
                                       progress=False))
     t.join()
     s = result.summary()
+    # where the outage really fell on the measured timeline
+    hang_at = round(switched[0] - result.started_wall, 1)
+    hang_for = round(switched[1] - switched[0], 1)
     print("  second  req/s  p99(ms)  degraded")
     for sec in s["timeline"]:
         print(f"  {sec['second']:>6} {sec['n']:>6} {sec['p99_us'] / 1000:>8.2f} {sec['degraded']:>9}")

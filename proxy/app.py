@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import os
 import re
 import time
@@ -33,6 +34,13 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
 # Failgate's own identity headers: a client must never be able to send them upstream (SPEC §5).
 _OWN = ("x-failgate-principal", "x-failgate-scopes")
 _NO_ROUTE = RouteMetrics("")
+# Request ids: a random per-process prefix and a counter — unique, and no system call per request.
+_RID_PREFIX = os.urandom(6).hex()
+_rid_counter = itertools.count(1)
+
+
+def _next_request_id() -> str:
+    return f"{_RID_PREFIX}{next(_rid_counter):012x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +155,7 @@ class Proxy:
         rid_header = rt.request_id_header
         rid = request.headers.get(rid_header)
         if rid is None or not _REQUEST_ID_OK.match(rid):
-            rid = os.urandom(12).hex()
+            rid = _next_request_id()
         rt.active += 1
         try:
             resp = await self._handle(request, rt, rid)

@@ -73,33 +73,24 @@ class _Connection(RequestHandler):
             return
         self._fg_handle = self._loop.call_at(deadline, self._fg_check)
 
-    # Called by ProxyServer when a request's headers are complete, and by the handler when it is done.
+    # Called by ProxyServer when a request's headers are complete; cleared once its response is finished.
     def fg_request_started(self) -> None:
         self._fg_deadline = None
         self._fg_in_request = True
 
-    def fg_request_done(self) -> None:
-        self._fg_in_request = False
+    async def finish_response(self, request: Any, resp: Any, start_time: Any) -> Any:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._fg_in_request = False
 
 
 class ProxyServer(web.Server):
     def __init__(self, handler: Any, *, header_timeout: float, max_connections: int, **kwargs: Any) -> None:
-        super().__init__(self._wrap(handler), **kwargs)
+        super().__init__(handler, **kwargs)
         self.header_timeout = header_timeout
         self.max_connections = max_connections
         self.active = 0
-
-    @staticmethod
-    def _wrap(handler: Any) -> Any:
-        async def handle(request: web.BaseRequest) -> web.StreamResponse:
-            protocol = request.protocol
-            try:
-                return await handler(request)  # type: ignore[no-any-return]
-            finally:
-                if isinstance(protocol, _Connection):
-                    protocol.fg_request_done()
-
-        return handle
 
     def __call__(self) -> RequestHandler:
         return _Connection(self, loop=self._loop, **self._kwargs)

@@ -79,7 +79,7 @@ class Serving:
         BREAKER_STATE.set(0)
         on_change = self.breaker.on_change if self.breaker is not None else BREAKER_STATE.set
         self.breaker = Breaker(store_cfg.breaker.failures, store_cfg.breaker.open_for, on_change=on_change)
-        self.stack = BreakerStore(self.chaos, self.breaker)
+        self.stack = BreakerStore(self.chaos, self.breaker, raw=self.store)
         return self.stack
 
     async def reload(self, loaded: LoadedConfig) -> None:

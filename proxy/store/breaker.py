@@ -72,18 +72,21 @@ class Breaker:
 
 
 class BreakerStore:
-    """A Store whose calls pass through the breaker."""
+    """A Store whose calls pass through the breaker. `inner` may be a chaos switch over `raw`: while no fault is
+    set, calls go to `raw` directly (one coroutine less on every request)."""
 
-    def __init__(self, inner: Any, breaker: Breaker) -> None:
+    def __init__(self, inner: Any, breaker: Breaker, raw: Any = None) -> None:
         self.inner = inner
+        self.raw = raw if raw is not None else inner
         self.breaker = breaker
 
     async def execute(self, ops: Sequence[Op]) -> list[Any]:
         breaker = self.breaker
         if not breaker.allow():
             raise StoreUnavailable("breaker_open", "the store breaker is open")
+        target = self.raw if getattr(self.inner, "fault", None) is None else self.inner
         try:
-            results = await self.inner.execute(ops)
+            results = await target.execute(ops)
         except StoreUnavailable as exc:
             if exc.transport:
                 breaker.failure()
