@@ -82,7 +82,7 @@ class Bench:
 
     @property
     def duration(self) -> float:
-        return 4.0 if self.quick else 10.0
+        return 3.0 if self.quick else 10.0
 
     def spawn(self, name: str, args: list[str], port: int, stdin: bool = False) -> Proc:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115
@@ -160,6 +160,11 @@ routes:
     upstream: api
     auth: {{type: api_key, scheme: Bearer, on_store_error: closed}}
     rate_limit: {{limit: 1000000000, per: 1m, key: client_ip, {rl}}}
+  - name: gate-stale
+    match: {{path: /gate-stale, prefix: true}}
+    upstream: api
+    auth: {{type: api_key, scheme: Bearer, on_store_error: stale, stale_for: 5m, stale_fallback: closed}}
+    rate_limit: {{limit: 1000000000, per: 1m, key: client_ip, on_store_error: open}}
   - name: open
     match: {{path: /open, prefix: true}}
     upstream: api
@@ -241,11 +246,16 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
 
         if want("outage"):
             print(f"store failing (store.timeout {STORE_TIMEOUT_MS}ms):")
+            bench.measure("healthy: auth stale + rate_limit open", base + "/gate-stale", servers=("failgate", "redis"),
+                          headers=bearer)
             for label, mode in (("hung (blackhole)", "blackhole"), ("slow (+80ms)", "delay 0.08"),
                                 ("refusing (reset)", "reset")):
                 for route in ("open", "closed"):
                     bench.measure(f"store {label}: {route} route", base + f"/{route}", servers=("failgate",),
                                   during=switch(mode))
+                if mode == "blackhole":
+                    bench.measure(f"store {label}: auth stale + rate_limit open", base + "/gate-stale",
+                                  servers=("failgate",), headers=bearer)
                 switch("pass")()
             # killed: the real process, SIGKILLed, then restarted for whatever follows
             redis = bench.procs["redis"]
@@ -253,6 +263,8 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
             redis.popen.wait()
             for route in ("open", "closed"):
                 bench.measure(f"store killed: {route} route", base + f"/{route}", servers=("failgate",))
+            bench.measure("store killed: auth stale + rate_limit open", base + "/gate-stale", servers=("failgate",),
+                          headers=bearer)
             bench.spawn("redis", redis_args, redis_port)
 
         timeline = None
@@ -268,7 +280,7 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
 
 def _timeline(bench: Bench, base: str, switch: Callable[[str], Callable[[], None]]) -> dict[str, Any]:
     """Steady open-loop load; the store hung for a while in the middle, then resumed."""
-    total, hang_at, hang_for = (20, 5, 8) if bench.quick else (30, 10, 10)
+    total, hang_at, hang_for = (16, 4, 8) if bench.quick else (30, 10, 10)
     rate = 1500.0
     print(f"outage timeline: {rate:.0f} req/s open loop for {total}s on the open route, store hung at {hang_at}s "
           f"for {hang_for}s")

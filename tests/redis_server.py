@@ -14,10 +14,11 @@ from tests.helpers import free_port
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.extra = extra or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.paused = False
 
@@ -30,13 +31,14 @@ class RedisServer:
         assert binary, "redis-server is not installed (tests/run installs it)"
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log"), "--protected-mode", "no"],
+             "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log"), "--protected-mode", "no",
+             *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                if self.command("PING") == b"+PONG\r\n":
+                if self.command("PING").startswith((b"+PONG", b"-NOAUTH")):  # up (NOAUTH: with requirepass)
                     return self
             except OSError:
                 pass

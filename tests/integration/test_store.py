@@ -299,3 +299,55 @@ async def test_slower_than_timeout_is_timeout_and_faster_is_fine(redis_server: R
 
 def _fields(op: RateOp) -> dict:  # type: ignore[type-arg]
     return {f: getattr(op, f) for f in ("algorithm", "key", "limit", "window", "burst")}
+
+
+async def test_unix_socket_url(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sock = tmp_path / "redis.sock"
+    server = RedisServer(tmp_path / "unix", extra=["--unixsocket", str(sock), "--unixsocketperm", "700"]).start()
+    s = redis_store(f"unix://{sock}?db=2")
+    try:
+        server.command("SELECT", "2")
+        (r,) = await s.execute([RateOp("fixed_window", "t:unix", limit=2, window=10 * S, burst=2, now=T0)])
+        assert r.allowed and r.remaining == 1
+        # it went to db 2 over the socket
+        import socket as socket_mod
+
+        with socket_mod.socket(socket_mod.AF_UNIX) as c:
+            c.connect(str(sock))
+            c.sendall(b"*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n*2\r\n$6\r\nEXISTS\r\n$6\r\nt:unix\r\n")
+            reply = b""
+            while reply.count(b"\r\n") < 2:
+                reply += c.recv(100)
+        assert reply == b"+OK\r\n:1\r\n"
+    finally:
+        await s.close()
+        server.stop()
+
+
+async def test_rediss_with_a_verified_certificate_and_a_password(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.certs import CA
+    from tests.helpers import free_port
+
+    ca = CA(tmp_path)
+    leaf = ca.issue("redis")
+    tls_port = free_port()
+    server = RedisServer(tmp_path / "tls", extra=[
+        "--tls-port", str(tls_port), "--tls-cert-file", str(leaf.cert), "--tls-key-file", str(leaf.key),
+        "--tls-ca-cert-file", str(ca.cert), "--tls-auth-clients", "no", "--requirepass", "s3cret"]).start()
+    try:
+        good = redis_store(f"rediss://:s3cret@127.0.0.1:{tls_port}/0?ssl_ca_certs={ca.cert}")
+        (r,) = await good.execute([RateOp("gcra", "t:tls", limit=1, window=S, burst=1, now=T0)])
+        assert r.allowed
+        await good.close()
+        untrusted = redis_store(f"rediss://:s3cret@127.0.0.1:{tls_port}/0")  # the system CAs don't know ours
+        with pytest.raises(StoreUnavailable) as exc:
+            await untrusted.execute([GetOp("x")])
+        assert exc.value.reason == "unavailable"
+        await untrusted.close()
+        wrong = redis_store(f"rediss://:nope@127.0.0.1:{tls_port}/0?ssl_ca_certs={ca.cert}")
+        with pytest.raises(StoreUnavailable) as exc:
+            await wrong.execute([GetOp("x")])
+        assert exc.value.reason == "unavailable" and "handshake refused" in str(exc.value)
+        await wrong.close()
+    finally:
+        server.stop()
