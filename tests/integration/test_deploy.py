@@ -52,7 +52,7 @@ def _leaves(t: typing.Any, parent: str) -> list[tuple[str, str]]:
 def _members(t: typing.Any) -> list[typing.Any]:
     args = typing.get_args(t)
     origin = typing.get_origin(t)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")) or origin is typing.Annotated:
+    if origin in (typing.Union, __import__("types").UnionType) or origin is typing.Annotated:
         return [m for a in args for m in _members(a)]
     if origin in (list, dict):
         return _members(args[-1])
