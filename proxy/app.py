@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .checks.auth import AuthCheck
+from .checks.auth import AuthCheck, Identity
 from .checks.local import LocalLimiter
 from .checks.memo import KeyMemory
 from .checks.ratelimit import RateLimitCheck
@@ -27,7 +27,7 @@ from .observe.decisionlog import DecisionLog, LogWriter
 from .observe.metrics import RouteMetrics, StoreMetrics
 from .pipeline import Decision, run_checks
 from .responses import error_response
-from .routing import BadTarget, Router, compile_match, host_of, parse_target
+from .routing import BadTarget, Router, Target, compile_match, host_of, parse_target
 from .store import Store
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
@@ -150,6 +150,8 @@ class Proxy:
         self._proto = "https" if tls else "http"
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        # One coroutine for the whole request (routing and header work are plain functions below): every await
+        # level costs on every resumption, and a request resumes several times.
         rt = self.runtime  # one config for the whole request, whatever a reload does meanwhile
         started = time.perf_counter()
         rid_header = rt.request_id_header
@@ -158,10 +160,31 @@ class Proxy:
             rid = _next_request_id()
         rt.active += 1
         try:
-            resp = await self._handle(request, rt, rid)
+            routed = self._route(request, rt, rid)
+            if isinstance(routed, web.StreamResponse):
+                resp = routed
+            else:
+                route, target = routed
+                reply: list[tuple[str, str]] = [(rid_header, rid)]
+                tag = identity = denied = None
+                # --- checks (pipeline.py: auth, then rate_limit; the first deny is the response) ---
+                if route.auth is not None or route.rate_limit is not None:
+                    client = rt.client_address(request.remote, request.headers.getall("X-Forwarded-For", []))
+                    decision = await run_checks(rt, route, request.headers, client)
+                    request[CHECKED] = (decision, client)
+                    identity = decision.identity
+                    tag, denied = self._decided(decision, reply, rt, route, rid)
+                if denied is not None:
+                    resp = denied
+                else:
+                    out = self._outgoing(request, rt, route, target, reply, tag, identity, rid)
+                    if request.headers.get("Expect", "").lower() == "100-continue":
+                        # The checks passed: now the client may send its body.
+                        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    resp = await route.upstream.forward(request, out)
         except UpstreamFailed as exc:
-            route = request.get(ROUTE)
-            resp = error_response(exc.status, exc.detail, route=route.name if route else None, request_id=rid,
+            route_ = request.get(ROUTE)
+            resp = error_response(exc.status, exc.detail, route=route_.name if route_ else None, request_id=rid,
                                   request_id_header=rid_header, headers=exc.headers)
             if exc.status == 413:
                 resp.force_close()  # don't read the rest of an oversized body
@@ -197,7 +220,9 @@ class Proxy:
         metrics.count(status)
         metrics.duration.observe(time.perf_counter() - started)
 
-    async def _handle(self, request: web.BaseRequest, rt: Runtime, rid: str) -> web.StreamResponse:
+    @staticmethod
+    def _route(request: web.BaseRequest, rt: Runtime, rid: str) -> web.StreamResponse | tuple[Route, Target]:
+        """The route for this request, or the response that refuses it (400, 404, 405, 501)."""
         method = request.method
         rid_header = rt.request_id_header
         if method == "CONNECT":
@@ -224,30 +249,30 @@ class Proxy:
                                   request_id=rid, request_id_header=rid_header)
             resp.force_close()
             return resp
+        return route, target
 
-        # --- checks (pipeline.py: auth, then rate_limit; the first deny is the response) ---
-        reply: list[tuple[str, str]] = [(rid_header, rid)]
+    @staticmethod
+    def _decided(decision: Decision, reply: list[tuple[str, str]], rt: Runtime, route: Route,
+                 rid: str) -> tuple[str | None, web.Response | None]:
+        """Headers of the verdicts into `reply`; the degraded tag; the deny response, if any."""
+        for v in decision.verdicts:
+            if v is not decision.deny:
+                reply.extend(v.headers)
         tag = None
-        identity = None
-        if route.auth is not None or route.rate_limit is not None:
-            client = rt.client_address(request.remote, headers.getall("X-Forwarded-For", []))
-            decision = await run_checks(rt, route, headers, client)
-            request[CHECKED] = (decision, client)
-            identity = decision.identity
-            for v in decision.verdicts:
-                if v is not decision.deny:
-                    reply.extend(v.headers)
-            degraded = [v.tag() for v in decision.verdicts if v.degraded]
-            if degraded:
-                tag = ", ".join(degraded)
-                reply.append((rt.degraded_header, tag))
-            if decision.deny is not None:
-                deny = decision.deny
-                extra = dict(reply[1:])
-                extra.update(deny.headers)
-                return error_response(deny.status, deny.detail, route=route.name, request_id=rid,
-                                      request_id_header=rid_header, code=deny.code, headers=extra)
+        degraded = [v.tag() for v in decision.verdicts if v.degraded]
+        if degraded:
+            tag = ", ".join(degraded)
+            reply.append((rt.degraded_header, tag))
+        deny = decision.deny
+        if deny is None:
+            return tag, None
+        extra = dict(reply[1:])
+        extra.update(deny.headers)
+        return tag, error_response(deny.status, deny.detail, route=route.name, request_id=rid,
+                                   request_id_header=rt.request_id_header, code=deny.code, headers=extra)
 
+    def _outgoing(self, request: web.BaseRequest, rt: Runtime, route: Route, target: Target,
+                  reply: list[tuple[str, str]], tag: str | None, identity: Identity | None, rid: str) -> Outgoing:
         out_headers = upstream_headers(request, rt.strip, rt.own, route.upstream.host_header, route.preserve_host,
                                        self._proto, rt.request_id_header, rid)
         if tag is not None:
@@ -260,8 +285,5 @@ class Proxy:
         path = target.path
         if route.strip:
             path = path[route.strip:] or "/"
-        out = Outgoing(method, f"{path}?{target.query}" if target.query else path, out_headers, rt.max_body, reply)
-        if headers.get("Expect", "").lower() == "100-continue":
-            # The checks passed: now the client may send its body.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return await route.upstream.forward(request, out)
+        return Outgoing(request.method, f"{path}?{target.query}" if target.query else path, out_headers,
+                        rt.max_body, reply)

@@ -54,7 +54,15 @@ async def run_checks(rt: Runtime, route: Route, headers: Any, client: str) -> De
         rl_key = rl.key(client, headers, None)
         ops.append(rl.op(rl_key))
 
-    results, failure = await _round_trip(rt, ops) if ops else (None, None)
+    results: list[Any] | None = None
+    failure: StoreUnavailable | None = None
+    if ops:  # the round trip, inline: one await level less on the hot path
+        started = time.perf_counter()
+        try:
+            results = await rt.store.execute(ops)
+        except StoreUnavailable as exc:
+            failure = exc
+        rt.store_metrics.observe(failure.reason if failure is not None else "ok", time.perf_counter() - started)
 
     if auth is not None:
         if digest is not None:
