@@ -208,7 +208,13 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(count)]
         self.draining = False
         self.restarts = 0
-        self.chaos: str | None = None
+        self._chaos: tuple[dict[str, Any], float] | None = None
+
+    @property
+    def chaos(self) -> str | None:
+        if self._chaos is None or time.monotonic() >= self._chaos[1]:
+            return None
+        return str(self._chaos[0].get("fault"))
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         n = sum(w.ready for w in self.workers)
@@ -230,12 +236,14 @@ class Supervisor:
 
             try:
                 delay = parse_duration(cmd["delay"]) if cmd.get("delay") else 0.0
-                ChaosStore(None, 1.0).set(str(cmd.get("fault")), delay, parse_duration(cmd.get("for", "30s")))
+                duration = parse_duration(cmd.get("for", "30s"))
+                ChaosStore(None, 1.0).set(str(cmd.get("fault")), delay, duration)
             except (ValueError, KeyError) as exc:
                 return {"ok": False, "error": str(exc)}
-            self.chaos = str(cmd.get("fault"))
+            # Remembered so that a worker started meanwhile (a restart) joins the rehearsal for what is left of it.
+            self._chaos = (cmd, time.monotonic() + duration)
         elif cmd.get("op") == "chaos_clear":
-            self.chaos = None
+            self._chaos = None
         self.broadcast(cmd)
         return {"ok": True}
 
@@ -265,6 +273,9 @@ class Supervisor:
         assert w.proc.stdin is not None
         start = {"op": "start", "source": self.loaded.source, "text": self.loaded.text, "workers": len(self.workers)}
         w.proc.stdin.write(_encode(start) + b"\n")
+        if self.chaos is not None and self._chaos is not None:
+            cmd, until = self._chaos
+            w.proc.stdin.write(_encode({**cmd, "for": f"{max(0.001, until - time.monotonic()):.3f}s"}) + b"\n")
         await w.proc.stdin.drain()
         w.listener = asyncio.create_task(self._listen(w, w.proc))
 

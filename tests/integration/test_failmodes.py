@@ -208,3 +208,38 @@ async def test_game_day_switch_reaches_every_worker(upstream: Upstream, redis_se
             assert last is None
     finally:
         assert p.stop() == 0
+
+
+async def test_a_worker_restarted_during_a_rehearsal_joins_it(upstream: Upstream, redis_server: RedisServer,
+                                                              tmp_path: Path) -> None:
+    import os
+    import signal as sig
+
+    from tests.integration.test_workers import children
+
+    cfg = tmp_path / "f.yaml"
+    text = config_text(upstream.url, ROUTES, extra=store(redis_server.url, failures=1000) + "workers: 2\n")
+    cfg.write_text(text.replace("admin: {host: 127.0.0.1, port: ", "admin: {chaos: true, host: 127.0.0.1, port: "))
+    p = ProxyProcess(cfg).start()
+    try:
+        await p.wait_ready(workers=2)
+        async with aiohttp.ClientSession() as s, s.post(p.admin + "/chaos/store",
+                                                        json={"fault": "refuse", "for": "60s"}) as r:
+            assert r.status == 200
+        assert p.proc is not None
+        victim = sorted(children(p.proc.pid))[0]
+        os.kill(victim, sig.SIGKILL)
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            kids = children(p.proc.pid)
+            if victim not in kids and len(kids) == 2:
+                break
+        await p.wait_ready(workers=2)
+        tags = set()
+        for _ in range(30):  # both workers, the new one included, refuse the store
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as c, \
+                    c.get(p.url + "/guard") as r:
+                tags.add(r.headers.get("Failgate-Degraded"))
+        assert tags == {"rate_limit;mode=open;reason=unavailable"}
+    finally:
+        assert p.stop() == 0
