@@ -261,3 +261,18 @@ async def test_no_key_material_in_logs_metrics_or_config(upstream: Upstream, red
     assert '"status":200' in log and '"status":401' in log  # the access log did run
     assert key not in log and "wrong-guess-key-material" not in log
     assert hashlib.sha256(key.encode()).hexdigest() not in log
+
+
+async def test_store_timeout_caps_both_round_trips_of_a_principal_limit(upstream: Upstream, redis_server: RedisServer,
+                                                                       fault_proxy) -> None:  # type: ignore
+    key = new_key(redis_server.url, "pat", [])
+    routes = auth_route("api", "{type: api_key, on_store_error: closed}",
+                        "{limit: 100, per: 1m, key: principal, on_store_error: open}")
+    extra = f"store: {{url: '{fault_proxy.url}', timeout: 400ms, connect_timeout: 1s, breaker: {{failures: 100}}}}\n"
+    async with InProcessProxy(config_text(upstream.url, routes, extra=extra)) as p:
+        assert (await raw_request(p.port, "/api", headers={"Authorization": key})).status == 200
+        fault_proxy.set("delay_replies", 0.25)  # each round trip now takes 250 ms: one fits in 400, two don't
+        r = await raw_request(p.port, "/api", headers={"Authorization": key})
+        assert r.status == 200
+        assert r.headers["failgate-degraded"] == "rate_limit;mode=open;reason=timeout"
+        assert seen_header(upstream, "X-Failgate-Principal") == ["pat"]  # auth itself was answered in time
