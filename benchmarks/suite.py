@@ -29,10 +29,26 @@ TICK = os.sysconf("SC_CLK_TCK")
 STORE_TIMEOUT_MS = 50
 
 
+_TAKEN: set[int] = set()
+
+
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range: Redis is restarted on its port mid-run, and no outgoing connection
+    may grab it meanwhile."""
+    import random
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(20000, max(20001, low - 1))
+        if port in _TAKEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _TAKEN.add(port)
+        return port
 
 
 def _cpu_seconds(pid: int) -> float:
