@@ -1,0 +1,121 @@
+"""Instructions per request, counted by valgrind's callgrind: a deterministic companion to the suite's CPU µs,
+which move by tens of percent from run to run on shared cores.
+
+    python -m benchmarks.instructions [--seconds 8] [--concurrency 8]
+
+Runs the fast upstream, redis-server, the reference proxy and Failgate (each server in turn under callgrind with
+instrumentation off), then for each scenario switches instrumentation on, drives load with the bundled generator,
+switches it off and divides the instructions the server executed by the responses it served. Under callgrind a
+server runs ~50x slower, so these are counts, not speeds; compare them with each other."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .load import Options, run_load
+from .suite import ROOT, _failgate_config, _port, _seed_key, _wait_port
+
+
+def _control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], check=True, capture_output=True)
+
+
+def _measure(pid: int, out: Path, url: str, seconds: float, concurrency: int,
+             headers: list[tuple[str, str]]) -> tuple[int, int]:
+    """(instructions, responses) for one scenario."""
+    # warm the path (imports, caches, pooled connections) before counting
+    run_load(Options(url, concurrency=1, duration=0.5, warmup=0.0, progress=False, headers=headers))
+    _control("-z", str(pid))
+    _control("-i", "on", str(pid))
+    result = run_load(Options(url, concurrency=concurrency, duration=seconds, warmup=0.0, progress=False,
+                              headers=headers))
+    _control("-i", "off", str(pid))
+    before = set(out.parent.glob(out.name + ".*"))
+    _control("-d", str(pid))
+    for _ in range(100):
+        new = set(out.parent.glob(out.name + ".*")) - before
+        if new:
+            break
+        time.sleep(0.1)
+    dump = max(new, key=lambda p: p.stat().st_mtime)
+    time.sleep(0.2)
+    total = int(re.search(r"^totals: (\d+)", dump.read_text(), re.M).group(1))  # type: ignore[union-attr]
+    return total, result.requests
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    if not shutil.which("valgrind"):
+        print("valgrind is not installed", file=sys.stderr)
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="failgate-instr-"))
+    py = sys.executable
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(cmd: list[str], port: int, timeout: float = 120.0) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        _wait_port(port, timeout)
+        return p
+
+    try:
+        up = _port()
+        spawn([py, "-m", "benchmarks.upstream", str(up)], up)
+        rport = _port()
+        spawn([shutil.which("redis-server") or "redis-server", "--port", str(rport), "--save", "", "--appendonly",
+               "no", "--dir", str(work)], rport)
+        key = _seed_key(f"redis://127.0.0.1:{rport}/0")
+        bearer = [("Authorization", f"Bearer {key}")]
+        rows = []
+        ref_port = _port()
+        out = work / "ref.cg"
+        ref = spawn(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                     py, "-m", "benchmarks.refproxy", str(ref_port), f"http://127.0.0.1:{up}"], ref_port)
+        rows.append(("reference proxy", *_measure(ref.pid, out, f"http://127.0.0.1:{ref_port}/x", args.seconds,
+                                                  args.concurrency, [])))
+        fg_port, fg_admin = _port(), _port()
+        cfg = work / "failgate.yaml"
+        _failgate_config(cfg, fg_port, fg_admin, up, f"redis://127.0.0.1:{rport}/0")
+        text = cfg.read_text().replace("timeout: 50ms", "timeout: 5s")  # callgrind is slow: no spurious timeouts
+        cfg.write_text(text)
+        out = work / "fg.cg"
+        fg = spawn(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                    py, "-m", "proxy", "run", "-c", str(cfg)], fg_port)
+        base = f"http://127.0.0.1:{fg_port}"
+        scenarios = (("failgate passthrough", "/pass", []), ("failgate rate_limit sliding", "/rl/sliding", []),
+                     ("failgate auth", "/auth", bearer), ("failgate auth + rate_limit", "/auth-rl", bearer))
+        for name, path, hdrs in scenarios:
+            rows.append((name, *_measure(fg.pid, out, base + path, args.seconds, args.concurrency, hdrs)))
+        print(f"instructions per request (callgrind), {args.concurrency} connections, {args.seconds:g}s each")
+        base_per = None
+        for name, total, n in rows:
+            per = total / n if n else 0
+            if name == "failgate passthrough":
+                base_per = per
+            extra = f"  (+{(per - base_per) / 1000:.0f}k over passthrough)" if base_per and name != \
+                "failgate passthrough" and name.startswith("failgate") else ""
+            print(f"  {name:<30} {per / 1000:8.0f}k  over {n} responses{extra}")
+        return 0
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
