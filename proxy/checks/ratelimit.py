@@ -21,6 +21,18 @@ def subject_hash(value: str) -> str:
     return hashlib.blake2b(value.encode("utf-8", "surrogateescape"), digest_size=12).hexdigest()
 
 
+_CLIENT_KEYS: dict[str, str] = {}  # address -> hashed subject: clients repeat, hashing each time is waste
+
+
+def client_key(address: str) -> str:
+    key = _CLIENT_KEYS.get(address)
+    if key is None:
+        if len(_CLIENT_KEYS) >= 50_000:
+            _CLIENT_KEYS.clear()
+        key = _CLIENT_KEYS[address] = "ip:" + subject_hash(client_subject(address))
+    return key
+
+
 def client_subject(address: str) -> str:
     """IPv4 as is; IPv6 by its /64 (one host usually owns the whole /64)."""
     if ":" in address:
@@ -59,12 +71,12 @@ class RateLimitCheck:
         if self._fixed_key is not None:
             return self._fixed_key
         if self.key_kind == "client_ip":
-            subject = "ip:" + subject_hash(client_subject(client))
+            subject = client_key(client)
         elif self.key_kind == "header":
             value = headers.get(self.header)  # type: ignore[attr-defined]
             subject = "anonymous" if value is None else "h:" + subject_hash(value)
         else:  # principal; unknown (auth decided degraded) falls back to the client address
-            subject = "p:" + subject_hash(principal) if principal else "ip:" + subject_hash(client_subject(client))
+            subject = "p:" + subject_hash(principal) if principal else client_key(client)
         return self._key_head + subject + self._key_tail
 
     def op(self, key: str) -> RateOp:

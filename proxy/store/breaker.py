@@ -98,9 +98,11 @@ class BreakerStore:
             if breaker.state == HALF_OPEN:
                 breaker._probe_out = False
             raise
-        if any(isinstance(r, StoreUnavailable) and r.transport for r in results):
-            breaker.failure()
-        else:
+        for r in results:
+            if type(r) is StoreUnavailable and r.transport:
+                breaker.failure()
+                return results
+        if breaker.consecutive or breaker.state != CLOSED:
             breaker.success()
         return results
 

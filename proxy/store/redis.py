@@ -46,8 +46,9 @@ def endpoint_from_url(url: str) -> Endpoint:
 def _rate_command(op: RateOp, *, by_source: bool = False) -> Command:
     script = SCRIPTS[op.algorithm]
     now = "" if op.now is None else op.now
-    head: tuple[str, ...] = ("EVAL", script.source) if by_source else ("EVALSHA", script.sha)
-    return (*head, 1, op.key, op.limit, op.window, op.burst, now)
+    if by_source:
+        return ("EVAL", script.source, 1, op.key, op.limit, op.window, op.burst, now)
+    return ("EVALSHA", script.sha, 1, op.key, op.limit, op.window, op.burst, now)
 
 
 class RedisStore:
@@ -56,9 +57,14 @@ class RedisStore:
                                       pool_size=pool_size)
 
     async def execute(self, ops: Sequence[Op]) -> list[Any]:
-        commands = [_rate_command(op) if isinstance(op, RateOp) else ("GET", op.key) for op in ops]
+        commands = [_rate_command(op) if type(op) is RateOp else ("GET", op.key) for op in ops]  # type: ignore[union-attr]
         replies = await self.client.submit(commands)
-        if any(_is_noscript(r) for r in replies):
+        errors = False
+        for r in replies:
+            if type(r) is hiredis.ReplyError:
+                errors = True
+                break
+        if errors and any(_is_noscript(r) for r in replies):
             # Redis lost its script cache (restart, SCRIPT FLUSH). The script did not run, so sending it again
             # as EVAL (which also caches it) cannot count twice.
             commands = [_rate_command(op, by_source=True) if isinstance(op, RateOp) and _is_noscript(r) else c
@@ -77,7 +83,7 @@ class RedisStore:
             return reply
         try:
             allowed, remaining, reset, retry, *state = reply
-            return RateResult(allowed == 1, int(remaining), reset / 1e6, retry / 1e6, tuple(int(s) for s in state))
+            return RateResult(allowed == 1, remaining, reset / 1e6, retry / 1e6, tuple(state))
         except (TypeError, ValueError):
             return StoreUnavailable("error", f"unexpected reply {reply!r}", transport=False)
 

@@ -31,7 +31,7 @@ from .errors import StoreUnavailable
 
 log = logging.getLogger("failgate.store")
 
-Command = Sequence[str | bytes | int]
+Command = tuple[str | bytes | int, ...]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,10 @@ class Endpoint:
 
 
 def _pack(commands: Sequence[Command]) -> bytes:
-    return b"".join(hiredis.pack_command(tuple(c)) for c in commands)  # type: ignore[arg-type]
+    pack = hiredis.pack_command
+    if len(commands) == 1:
+        return pack(commands[0])  # type: ignore[arg-type]
+    return b"".join([pack(c) for c in commands])  # type: ignore[arg-type]
 
 
 class _Group:
