@@ -83,6 +83,13 @@ def main() -> int:
                      py, "-m", "benchmarks.refproxy", str(ref_port), f"http://127.0.0.1:{up}"], ref_port)
         rows.append(("reference proxy", *_measure(ref.pid, out, f"http://127.0.0.1:{ref_port}/x", args.seconds,
                                                   args.concurrency, [])))
+        ref2_port = _port()
+        out2 = work / "ref2.cg"
+        ref2 = spawn(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out2}",
+                      py, "-m", "benchmarks.refproxy", str(ref2_port), f"http://127.0.0.1:{up}",
+                      f"redis://127.0.0.1:{rport}/0"], ref2_port)
+        rows.append(("reference proxy + 1 store call", *_measure(ref2.pid, out2, f"http://127.0.0.1:{ref2_port}/x",
+                                                                 args.seconds, args.concurrency, [])))
         fg_port, fg_admin = _port(), _port()
         cfg = work / "failgate.yaml"
         _failgate_config(cfg, fg_port, fg_admin, up, f"redis://127.0.0.1:{rport}/0")
@@ -97,13 +104,19 @@ def main() -> int:
         for name, path, hdrs in scenarios:
             rows.append((name, *_measure(fg.pid, out, base + path, args.seconds, args.concurrency, hdrs)))
         print(f"instructions per request (callgrind), {args.concurrency} connections, {args.seconds:g}s each")
-        base_per = None
+        base_per = ref_per = 0.0
         for name, total, n in rows:
             per = total / n if n else 0
             if name == "failgate passthrough":
                 base_per = per
-            extra = f"  (+{(per - base_per) / 1000:.0f}k over passthrough)" if base_per and name != \
-                "failgate passthrough" and name.startswith("failgate") else ""
+            if name == "reference proxy":
+                ref_per = per
+            if base_per and name != "failgate passthrough" and name.startswith("failgate"):
+                extra = f"  (+{(per - base_per) / 1000:.0f}k over passthrough)"
+            elif name == "reference proxy + 1 store call":
+                extra = f"  (+{(per - ref_per) / 1000:.0f}k over the reference proxy)"
+            else:
+                extra = ""
             print(f"  {name:<30} {per / 1000:8.0f}k  over {n} responses{extra}")
         return 0
     finally:
