@@ -23,32 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from .load import Options, Result, competing_warning, run_load
+from .ports import free_port as _port
 
 ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
 STORE_TIMEOUT_MS = 50
-
-
-_TAKEN: set[int] = set()
-
-
-def _port() -> int:
-    """A free port below the ephemeral range: Redis is restarted on its port mid-run, and no outgoing connection
-    may grab it meanwhile."""
-    import random
-
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    while True:
-        port = random.randrange(20000, max(20001, low - 1))
-        if port in _TAKEN:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _TAKEN.add(port)
-        return port
 
 
 def _cpu_seconds(pid: int) -> float:

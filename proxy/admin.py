@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .config import LoadedConfig, format_duration
 from .config.schema import ByteSize, Duration
+from .config.validate import redact_url
 from .observe.metrics import exposition
 from .reload import ConfigState
 
@@ -29,7 +30,6 @@ class Status(Protocol):
 
 
 _json = msgspec.json.Encoder().encode
-_PASSWORD_IN_URL = re.compile(r"(//[^:/@]*:)[^@/]*@")
 
 
 def redacted(loaded: LoadedConfig) -> dict[str, Any]:
@@ -37,9 +37,9 @@ def redacted(loaded: LoadedConfig) -> dict[str, Any]:
     doc: dict[str, Any] = msgspec.to_builtins(loaded.config, enc_hook=_enc)
     if doc["admin"].get("token"):
         doc["admin"]["token"] = "***"
-    doc["store"]["url"] = _PASSWORD_IN_URL.sub(r"\1***@", doc["store"]["url"])
+    doc["store"]["url"] = redact_url(doc["store"]["url"])
     for up in doc["upstreams"].values():
-        up["url"] = _PASSWORD_IN_URL.sub(r"\1***@", up["url"])
+        up["url"] = redact_url(up["url"])
     for path in loaded.from_env:  # anything that came from ${VAR} is treated as a secret
         _set_path(doc, path, "***")
     return doc

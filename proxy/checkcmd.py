@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .config import LoadedConfig, format_duration
-from .config.validate import resolve_workers
+from .config.validate import redact_url, resolve_workers
 from .routing import compile_match
 
 
@@ -13,7 +13,7 @@ def describe(loaded: LoadedConfig) -> str:
         f"{loaded.source}: OK (sha256 {loaded.sha256[:16]})",
         f"listen {cfg.listen.host}:{cfg.listen.port}{' (TLS)' if cfg.listen.tls else ''}; "
         f"admin {cfg.admin.host}:{cfg.admin.port}; workers {cfg.workers} ({resolve_workers(cfg.workers)}); "
-        f"store {_store(cfg.store.url)}",
+        f"store {redact_url(cfg.store.url)}",
         "routes (first match wins):",
     ]
     for i, r in enumerate(cfg.routes):
@@ -74,8 +74,3 @@ def warnings(loaded: LoadedConfig) -> list[str]:
 def _how(inherited: frozenset[str], key: str) -> str:
     return "inherited from defaults" if key in inherited else "declared"
 
-
-def _store(url: str) -> str:
-    import re
-
-    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .checks.algorithms import Outcome
-from .decision import Reason, Verdict
+from .decision import Basis, Reason, Verdict
 
 if TYPE_CHECKING:
     from .checks.auth import Identity
@@ -29,8 +29,10 @@ def rate_limit_open(reason: Reason) -> Verdict:
     return Verdict("rate_limit", True, basis="open", reason=reason)
 
 
-def closed(check: str, reason: Reason, *, status: int, retry_after: float) -> Verdict:
-    return Verdict(check, False, basis="closed", reason=reason, status=status, code="store_unavailable",
+def closed(check: str, reason: Reason, *, status: int, retry_after: float, basis: Basis = "closed",
+           fallback: str | None = None) -> Verdict:
+    return Verdict(check, False, basis=basis, reason=reason, status=status, code="store_unavailable",
+                   fallback=fallback,
                    detail=f"the {check.replace('_', ' ')} check cannot be made right now; retry later",
                    headers=[("Retry-After", str(max(1, math.ceil(retry_after))))])
 
@@ -71,6 +73,4 @@ def auth_stale(reason: Reason, remembered: tuple[Record | str, float] | None, *,
         return judge(record, now, basis="stale", reason=reason, age=now - at)
     if fallback == "open":
         return Verdict("auth", True, basis="stale", reason=reason, fallback="open"), None
-    v = closed("auth", reason, status=status, retry_after=retry_after)
-    v.basis, v.fallback = "stale", "closed"
-    return v, None
+    return closed("auth", reason, status=status, retry_after=retry_after, basis="stale", fallback="closed"), None

@@ -17,6 +17,7 @@ from redis.retry import Retry
 from .checks.memo import Record
 from .config import LoadedConfig
 from .config.schema import parse_duration
+from .config.validate import redact_url
 
 _encode = msgspec.json.Encoder().encode
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -45,7 +46,7 @@ def _run(loaded: LoadedConfig, fn: Any) -> Any:
     try:
         return fn(client)
     except redis.exceptions.RedisError as exc:
-        where = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", loaded.config.store.url)
+        where = redact_url(loaded.config.store.url)
         raise KeysError(f"cannot use the store at {where}: {exc}") from None
     finally:
         client.close()

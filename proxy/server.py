@@ -231,14 +231,11 @@ class Supervisor:
     async def control(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Validate here, then send to every worker (their stdin is their control channel)."""
         if cmd.get("op") == "chaos":
-            from .config.schema import parse_duration
-            from .store.chaos import ChaosStore
+            from .store.chaos import parse_fault
 
             try:
-                delay = parse_duration(cmd["delay"]) if cmd.get("delay") else 0.0
-                duration = parse_duration(cmd.get("for", "30s"))
-                ChaosStore(None, 1.0).set(str(cmd.get("fault")), delay, duration)
-            except (ValueError, KeyError) as exc:
+                _, _, duration = parse_fault(cmd)
+            except ValueError as exc:
                 return {"ok": False, "error": str(exc)}
             # Remembered so that a worker started meanwhile (a restart) joins the rehearsal for what is left of it.
             self._chaos = (cmd, time.monotonic() + duration)

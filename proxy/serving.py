@@ -12,12 +12,11 @@ from typing import IO, TYPE_CHECKING, Any
 from aiohttp import web
 
 from .config import LoadedConfig
-from .config.schema import parse_duration
 from .observe.decisionlog import DecisionLog, LogWriter
 from .observe.metrics import BREAKER_STATE
 from .store import open_store
 from .store.breaker import NAMES, Breaker, BreakerStore
-from .store.chaos import ChaosStore
+from .store.chaos import ChaosStore, parse_fault
 
 if TYPE_CHECKING:
     from .app import Proxy, Runtime
@@ -137,15 +136,12 @@ class Serving:
         if op == "chaos":
             assert self.chaos is not None
             try:
-                delay = parse_duration(cmd["delay"]) if cmd.get("delay") else 0.0
-                self.chaos.set(str(cmd.get("fault")), delay, parse_duration(cmd.get("for", "30s")))
-            except (ValueError, KeyError) as exc:
+                self.chaos.set(*parse_fault(cmd))
+            except ValueError as exc:
                 return {"ok": False, "error": str(exc)}
             log.warning("chaos: store fault %s for %s (delay %s)", cmd.get("fault"), cmd.get("for", "30s"),
                         cmd.get("delay") or "-")
             return {"ok": True}
-        if op == "reload":
-            return {"ok": True, "async": True}  # handled by the caller, which awaits reload()
         if op == "chaos_clear":
             assert self.chaos is not None
             self.chaos.clear()

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,41 +20,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from benchmarks.ports import free_port
 from proxy.config import load_text
 from proxy.server import Serving
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-_GIVEN: set[int] = set()
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A free loopback port below the kernel's ephemeral range, never handed out before in this run.
-
-    Below the ephemeral range, no outgoing connection can take the port between the moment a test picks it and
-    the moment a server (or a restarted server) binds it."""
-    import random
-
-    low = min(_ephemeral_low(), 65536)
-    while True:
-        port = random.randrange(10000, max(10001, low - 1))
-        if port in _GIVEN:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _GIVEN.add(port)
-        return port
 
 
 # --- upstream -------------------------------------------------------------------------------------------------

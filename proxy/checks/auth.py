@@ -50,6 +50,7 @@ class AuthCheck:
         self.scopes = frozenset(cfg.scopes)
         self.key_prefix = key_prefix + "apikey:"
         self.epoch_key = key_prefix + "epoch"
+        self._epoch_op = GetOp(self.epoch_key)  # the same for every request: made once
         self.challenge = [("WWW-Authenticate", f'{cfg.scheme} realm="failgate"')] if cfg.scheme else []
 
     def credential(self, headers: object) -> str | None:
@@ -63,7 +64,7 @@ class AuthCheck:
         return value or None
 
     def ops(self, digest: str) -> list[GetOp]:
-        return [GetOp(self.key_prefix + digest), GetOp(self.epoch_key)]
+        return [GetOp(self.key_prefix + digest), self._epoch_op]
 
     # --- verdicts ---------------------------------------------------------------------------------------------
     def unauthorized(self, detail: str, **kw: object) -> Verdict:

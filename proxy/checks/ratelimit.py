@@ -60,10 +60,11 @@ class RateLimitCheck:
         self.local_share = cfg.local_share if cfg.local_share is not None else 1.0 / workers
         self._key_head = f"{key_prefix}rl:{{{route}:"
         self._key_tail = f"}}:{cfg.algorithm}:{round(cfg.per * 1000)}"
+        self._fixed_key: str | None = None
+        self._fixed_op: RateOp | None = None
         if self.key_kind == "route":
-            self._fixed_key: str | None = self._key_head + "route" + self._key_tail
-        else:
-            self._fixed_key = None
+            self._fixed_key = self._key_head + "route" + self._key_tail
+            self._fixed_op = RateOp(cfg.algorithm, self._fixed_key, cfg.limit, self.window, self.burst)
         window_s = max(1, math.ceil(cfg.per))
         self.policy = ("RateLimit-Policy", f'"{route}";q={cfg.limit};w={window_s}')
 
@@ -80,6 +81,8 @@ class RateLimitCheck:
         return self._key_head + subject + self._key_tail
 
     def op(self, key: str) -> RateOp:
+        if key is self._fixed_key and self._fixed_op is not None:
+            return self._fixed_op  # a `route` key: the same operation for every request, made once
         return RateOp(self.algorithm, key, self.limit, self.window, self.burst)
 
     def verdict(self, result: RateResult) -> Verdict:

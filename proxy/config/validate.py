@@ -62,7 +62,7 @@ def validate(loaded: LoadedConfig) -> None:
     scheme = store_url.split("://", 1)[0] if "://" in store_url else ""
     if scheme not in ("memory", "redis", "rediss", "unix"):
         raise fail("store.url", f"expected memory://, redis://host:port/db, rediss://… or unix:///path, "
-                   f"got {_redact_url(store_url)!r}")
+                   f"got {redact_url(store_url)!r}")
     workers = resolve_workers(cfg.workers)
     if scheme == "memory" and workers > 1:
         raise fail("workers", f"memory:// keeps state inside one process and needs workers: 1 (got "
@@ -91,7 +91,7 @@ def validate(loaded: LoadedConfig) -> None:
             url = None
         if url is None or url.scheme not in ("http", "https") or not url.host:
             raise fail(f"{path}.url", f"expected an http:// or https:// URL such as http://127.0.0.1:8000, "
-                       f"got {_redact_url(up.url)!r}")
+                       f"got {redact_url(up.url)!r}")
         if url.query_string or url.fragment:
             raise fail(f"{path}.url", "a query string or fragment is not allowed in an upstream URL")
         for key in ("connect_timeout", "timeout", "idle_timeout"):
@@ -185,5 +185,9 @@ def _validate_rate_limit(route, rp, fail) -> None:  # type: ignore[no-untyped-de
         raise fail(f"{p}.key", f"expected one of: client_ip, header:<Name>, principal, route; got {key!r}")
 
 
-def _redact_url(url: str) -> str:
-    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+_PASSWORD_IN_URL = re.compile(r"(//[^:/@]*:)[^@/]*@")
+
+
+def redact_url(url: str) -> str:
+    """`redis://:secret@host` -> `redis://:***@host`: for messages, /config and `failgate check`."""
+    return _PASSWORD_IN_URL.sub(r"\1***@", url)

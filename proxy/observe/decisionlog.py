@@ -64,8 +64,7 @@ class DecisionLog:
         seen = self._second.get(route)
         if seen is None or seen[0] != sec:
             if seen is not None and seen[1] > self.limit:
-                self.writer.put({"ts": round(now, 3), "route": route, "suppressed": seen[1] - self.limit,
-                                 "second": seen[0], "config_sha256": self.config_sha256})
+                self._suppressed(now, route, seen)
             seen = (sec, 0)
         count = seen[1] + 1
         self._second[route] = (sec, count)
@@ -83,6 +82,9 @@ class DecisionLog:
         sec = int(now)
         for route, (s, count) in list(self._second.items()):
             if s != sec and count > self.limit:
-                self.writer.put({"ts": round(now, 3), "route": route, "suppressed": count - self.limit, "second": s,
-                                 "config_sha256": self.config_sha256})
+                self._suppressed(now, route, (s, count))
                 self._second[route] = (s, self.limit)
+
+    def _suppressed(self, now: float, route: str, seen: tuple[int, int]) -> None:
+        self.writer.put({"ts": round(now, 3), "route": route, "suppressed": seen[1] - self.limit, "second": seen[0],
+                         "config_sha256": self.config_sha256})

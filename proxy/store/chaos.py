@@ -28,6 +28,22 @@ class Fault:
     until: float  # monotonic
 
 
+def parse_fault(cmd: dict[str, Any]) -> tuple[str, float, float]:
+    """(kind, delay, duration) from a `/chaos/store` body; ValueError with the reason when it is not valid."""
+    from ..config.schema import parse_duration
+
+    kind = str(cmd.get("fault"))
+    delay = parse_duration(cmd["delay"]) if cmd.get("delay") else 0.0
+    duration = parse_duration(cmd.get("for") or "30s")
+    if kind not in ("hang", "refuse", "slow"):
+        raise ValueError(f"fault must be hang, refuse or slow, got {kind!r}")
+    if not 0 < duration <= MAX_FOR:
+        raise ValueError("for must be above 0 and at most 10m")
+    if kind == "slow" and delay <= 0:
+        raise ValueError("slow needs a delay above 0, such as 80ms")
+    return kind, delay, duration
+
+
 class ChaosStore:
     def __init__(self, inner: Any, timeout: float) -> None:
         self.inner = inner
@@ -35,12 +51,7 @@ class ChaosStore:
         self.fault: Fault | None = None
 
     def set(self, kind: str, delay: float, duration: float) -> None:
-        if kind not in ("hang", "refuse", "slow"):
-            raise ValueError(f"fault must be hang, refuse or slow, got {kind!r}")
-        if not 0 < duration <= MAX_FOR:
-            raise ValueError("for must be above 0 and at most 10m")
-        if kind == "slow" and delay <= 0:
-            raise ValueError("slow needs a delay above 0, such as 80ms")
+        """Arguments as parse_fault returns them."""
         self.fault = Fault(kind, delay, time.monotonic() + duration)
 
     def clear(self) -> None:
