@@ -51,8 +51,10 @@ class SingleProcess:
         self._lock = asyncio.Lock()
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        return not self.draining, {"draining": self.draining, "workers": {"configured": 1, "ready": 1},
-                                   "sha256": self.serving.loaded.sha256, **self.serving.state()}
+        listening = self.serving.listening
+        return listening and not self.draining, {"draining": self.draining,
+                                                 "workers": {"configured": 1, "ready": int(listening)},
+                                                 "sha256": self.serving.loaded.sha256, **self.serving.state()}
 
     async def control(self, cmd: dict[str, Any]) -> dict[str, Any]:
         return self.serving.control(cmd)
@@ -81,11 +83,17 @@ async def _serve_admin(owner: Any, cfg: Any) -> web.AppRunner:
     return admin
 
 
-async def _until_stopped(owner: Any, cfg: Any) -> None:
-    """SIGTERM/SIGINT end it; SIGHUP (and, with `watch`, a changed file) reloads."""
-    loop = asyncio.get_running_loop()
+def _stop_event() -> asyncio.Event:
+    """SIGTERM/SIGINT set it. Installed before anything listens, so that a process that already answers
+    `/readyz` never dies of the default SIGTERM action."""
     stop = asyncio.Event()
     _install_stop_signals(stop, (signal.SIGTERM, signal.SIGINT))
+    return stop
+
+
+async def _until_stopped(owner: Any, cfg: Any, stop: asyncio.Event) -> None:
+    """Returns once `stop` is set; SIGHUP (and, with `watch`, a changed file) reloads meanwhile."""
+    loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[Any]] = set()
 
     def reload_soon() -> None:
@@ -111,6 +119,7 @@ async def _until_stopped(owner: Any, cfg: Any) -> None:
 async def run_single(state: ConfigState, on_started: Any = None) -> None:
     assert state.current is not None
     cfg = state.current.config
+    stop = _stop_event()
     owner = SingleProcess(state)
     admin = await _serve_admin(owner, cfg)
     await owner.serving.start()
@@ -118,7 +127,7 @@ async def run_single(state: ConfigState, on_started: Any = None) -> None:
         on_started(owner.serving)
     log.info("failgate serving on %s:%d (admin %s:%d), config %s sha256 %s", cfg.listen.host, cfg.listen.port,
              cfg.admin.host, cfg.admin.port, state.current.source, state.current.sha256[:12])
-    await _until_stopped(owner, cfg)
+    await _until_stopped(owner, cfg, stop)
     owner.draining = True
     log.info("draining (up to %ss)", cfg.shutdown_grace)
     await owner.serving.stop()
@@ -130,6 +139,8 @@ async def run_single(state: ConfigState, on_started: Any = None) -> None:
 async def worker_main() -> None:
     """Entry of `python -m proxy _worker`: read `start` from stdin, serve, obey the parent, exit on EOF."""
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    _install_stop_signals(stop, (signal.SIGTERM,))
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
 
@@ -154,9 +165,6 @@ async def worker_main() -> None:
 
     serving.breaker.on_change = breaker_changed
     send({"event": "ready", "pid": os.getpid(), "sha256": loaded.sha256})
-
-    stop = asyncio.Event()
-    _install_stop_signals(stop, (signal.SIGTERM,))
 
     async def control() -> None:
         while True:
@@ -336,13 +344,14 @@ async def run_supervisor(state: ConfigState, count: int) -> None:
     assert state.current is not None
     loaded = state.current
     cfg = loaded.config
+    stop = _stop_event()
     sup = Supervisor(state, count)
     for w in sup.workers:
         await sup.spawn(w)
     admin = await _serve_admin(sup, cfg)
     log.info("failgate supervising %d workers on %s:%d (admin %s:%d), config %s sha256 %s", count,
              cfg.listen.host, cfg.listen.port, cfg.admin.host, cfg.admin.port, loaded.source, loaded.sha256[:12])
-    await _until_stopped(sup, cfg)
+    await _until_stopped(sup, cfg, stop)
     log.info("draining %d workers (up to %ss)", count, cfg.shutdown_grace)
     await sup.stop(cfg.shutdown_grace)
     await admin.cleanup()

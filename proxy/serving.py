@@ -32,6 +32,7 @@ class Serving:
         self._reuse_port = reuse_port
         self._runner: web.ServerRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self.listening = False  # true once the proxy port accepts connections
         self.runtime: Runtime | None = None
         self.proxy: Proxy | None = None
         self.store: Any = None  # the raw client (memory or redis)
@@ -69,6 +70,7 @@ class Serving:
         site = web.TCPSite(self._runner, cfg.listen.host, cfg.listen.port, ssl_context=ssl_context,
                            backlog=1024, reuse_port=self._reuse_port or None)
         await site.start()
+        self.listening = True
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
     def _store_stack(self, store_cfg: Any) -> BreakerStore:
@@ -151,6 +153,7 @@ class Serving:
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish within shutdown_grace, close pools, store and log."""
+        self.listening = False
         if self._runner is not None:
             await self._runner.cleanup()
         for task in list(self._retiring):

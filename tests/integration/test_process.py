@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import signal
 from pathlib import Path
@@ -137,3 +138,50 @@ async def test_sigterm_under_load_finishes_every_request_in_flight(upstream: Ups
         assert p.proc.wait(15) == 0
     finally:
         p.stop()
+
+
+async def test_ready_means_serving_and_a_sigterm_at_once_is_a_clean_stop(upstream: Upstream, tmp_path: Path) -> None:
+    """`/readyz` turns 200 only once the proxy port accepts and the stop signals are in place: an orchestrator
+    that routes traffic or sends SIGTERM on the first 200 gets an answer and a clean exit, never the default
+    SIGTERM death (which is what a test saw when the admin answered before the listener started)."""
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(config_text(upstream.url, ALL))
+    p = ProxyProcess(cfg).start()
+    assert p.proc is not None
+    try:
+        async with aiohttp.ClientSession() as s:
+            while True:  # poll without pausing, to land as close to the first 200 as we can
+                assert p.proc.poll() is None, p.log()
+                try:
+                    async with s.get(p.admin + "/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.005)
+            async with s.get(p.url + "/x") as r:
+                assert r.status == 200
+        p.proc.send_signal(signal.SIGTERM)
+        assert p.proc.wait(15) == 0
+    finally:
+        p.stop()
+
+
+async def test_single_process_is_unready_until_its_proxy_port_listens(upstream: Upstream, tmp_path: Path) -> None:
+    from proxy.reload import ConfigState
+    from proxy.server import SingleProcess
+
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(config_text(upstream.url, ALL))
+    state = ConfigState(str(cfg), None)
+    state.load_initial()
+    owner = SingleProcess(state)
+    assert owner.ready()[0] is False  # the admin may already answer; readiness waits for the listener
+    await owner.serving.start()
+    try:
+        assert owner.ready()[0] is True
+        port = owner.serving.loaded.config.listen.port
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/x") as r:
+            assert r.status == 200
+    finally:
+        await owner.serving.stop()
+    assert owner.ready()[0] is False
