@@ -3,7 +3,7 @@ translated into StoreUnavailable(reason) here and nowhere else."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 from ..config.schema import Store as StoreConfig
@@ -12,10 +12,11 @@ from .ops import GetOp, Op, RateOp, RateResult
 
 
 class Store(Protocol):
-    async def execute(self, ops: Sequence[Op]) -> list[Any]:
-        """Run one request's operations in one round trip. Raises StoreUnavailable when the round trip failed
-        (timeout, connection); an error reply about one operation is returned in its place as a
-        StoreUnavailable("error") instance, so the other checks of the request still get their answers."""
+    def execute(self, ops: Sequence[Op]) -> Awaitable[list[Any]]:
+        """Run one request's operations in one round trip (a coroutine function, or a function returning a
+        future). Raises StoreUnavailable when the round trip failed (timeout, connection); an error reply about
+        one operation is returned in its place as a StoreUnavailable("error") instance, so the other checks of
+        the request still get their answers."""
 
     async def close(self) -> None: ...
 

@@ -6,6 +6,7 @@ URL parsing and TLS settings come from redis-py (`parse_url`), the wire work fro
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ssl
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from redis.asyncio.connection import SSLConnection, parse_url
 
 from .errors import StoreUnavailable
 from .ops import GetOp, Op, RateOp, RateResult
-from .resp import Command, Endpoint, PipelinedClient
+from .resp import Command, Endpoint, PipelinedClient, pack_commands
 
 
 class Script:
@@ -51,44 +52,90 @@ def _rate_command(op: RateOp, *, by_source: bool = False) -> Command:
     return ("EVALSHA", script.sha, 1, op.key, op.limit, op.window, op.burst, now)
 
 
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def _rate_parts(op: RateOp) -> tuple[bytes, bytes]:
+    """An EVALSHA command as the bytes before and after its key: everything but the key is the same for every
+    request of a rate-limit check, so it is packed once."""
+    now = b"" if op.now is None else str(op.now).encode()
+    head = b"*8\r\n" + _bulk(b"EVALSHA") + _bulk(SCRIPTS[op.algorithm].sha.encode()) + _bulk(b"1")
+    tail = b"".join(_bulk(str(v).encode()) for v in (op.limit, op.window, op.burst)) + _bulk(now)
+    return head, tail
+
+
 class RedisStore:
     def __init__(self, url: str, *, timeout: float, connect_timeout: float, pool_size: int) -> None:
         self.client = PipelinedClient(endpoint_from_url(url), timeout=timeout, connect_timeout=connect_timeout,
                                       pool_size=pool_size)
+        self._parts: dict[tuple[str, int, int, int], tuple[bytes, bytes]] = {}
 
-    async def execute(self, ops: Sequence[Op]) -> list[Any]:
-        commands = [_rate_command(op) if type(op) is RateOp else ("GET", op.key) for op in ops]  # type: ignore[union-attr]
-        replies = await self.client.submit(commands)
-        errors = False
+    def _pack(self, op: Op) -> bytes:
+        key = op.key.encode()
+        if type(op) is GetOp:
+            return b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(key), key)
+        assert type(op) is RateOp
+        if op.now is not None:  # tests pin the clock: not worth caching
+            head, tail = _rate_parts(op)
+        else:
+            shape = (op.algorithm, op.limit, op.window, op.burst)
+            parts = self._parts.get(shape)
+            if parts is None:
+                if len(self._parts) > 10_000:  # only configs make shapes; a bound all the same
+                    self._parts.clear()
+                parts = self._parts[shape] = _rate_parts(op)
+            head, tail = parts
+        return b"%b$%d\r\n%b\r\n%b" % (head, len(key), key, tail)
+
+    def execute(self, ops: Sequence[Op]) -> asyncio.Future[list[Any]]:
+        """Not a coroutine: the returned future resolves with the decoded results, decoded in the client's
+        reading callback (one coroutine level less for every request)."""
+        payload = self._pack(ops[0]) if len(ops) == 1 else b"".join([self._pack(op) for op in ops])
+        return self.client.submit(payload, len(ops), self._finish, ops)
+
+    def _finish(self, future: asyncio.Future[list[Any]], replies: list[Any], ops: Sequence[Op]) -> None:
+        if len(replies) == 1 and type(replies[0]) is list:  # the common case: one script's answer
+            future.set_result([_result(ops[0], replies[0])])
+            return
         for r in replies:
-            if type(r) is hiredis.ReplyError:
-                errors = True
-                break
-        if errors and any(_is_noscript(r) for r in replies):
-            # Redis lost its script cache (restart, SCRIPT FLUSH). The script did not run, so sending it again
-            # as EVAL (which also caches it) cannot count twice.
-            commands = [_rate_command(op, by_source=True) if isinstance(op, RateOp) and _is_noscript(r) else c
-                        for op, r, c in zip(ops, replies, commands, strict=True)]
-            retry = [c for c, r in zip(commands, replies, strict=True) if _is_noscript(r)]
-            again = iter(await self.client.submit(retry))
-            replies = [next(again) if _is_noscript(r) else r for r in replies]
-        return [self._result(op, r) for op, r in zip(ops, replies, strict=True)]
+            if type(r) is hiredis.ReplyError and str(r).startswith("NOSCRIPT"):
+                # Redis lost its script cache (restart, SCRIPT FLUSH). The script did not run, so sending it
+                # again as EVAL (which also caches it) cannot count twice. Same future: the caller still waits.
+                again = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
+                retry = [_rate_command(ops[i], by_source=True) for i in again]  # type: ignore[arg-type]
+                self.client.submit(pack_commands(retry), len(again), self._merge, (ops, replies, again), future)
+                return
+        future.set_result([_result(op, r) for op, r in zip(ops, replies, strict=True)])
 
-    @staticmethod
-    def _result(op: Op, reply: Any) -> Any:
-        if isinstance(reply, hiredis.ReplyError):
-            # An error reply: the server answered, but not with a result. Returned in place, for this op only.
-            return StoreUnavailable("error", str(reply), transport=_server_wide(reply))
-        if isinstance(op, GetOp):
-            return reply
-        try:
-            allowed, remaining, reset, retry, *state = reply
-            return RateResult(allowed == 1, remaining, reset / 1e6, retry / 1e6, tuple(state))
-        except (TypeError, ValueError):
-            return StoreUnavailable("error", f"unexpected reply {reply!r}", transport=False)
+    def _merge(self, future: asyncio.Future[list[Any]], retried: list[Any],
+               ctx: tuple[Sequence[Op], list[Any], list[int]]) -> None:
+        ops, replies, again = ctx
+        replies = list(replies)
+        for i, r in zip(again, retried, strict=True):
+            replies[i] = r
+        future.set_result([_result(op, r) for op, r in zip(ops, replies, strict=True)])
 
     async def close(self) -> None:
         await self.client.close()
+
+
+_new_tuple = tuple.__new__
+
+
+def _result(op: Op, reply: Any) -> Any:
+    if type(reply) is hiredis.ReplyError:
+        # An error reply: the server answered, but not with a result. Returned in place, for this op only.
+        return StoreUnavailable("error", str(reply), transport=_server_wide(reply))
+    if type(op) is GetOp:
+        return reply
+    try:
+        if type(reply) is not list or len(reply) < 4:
+            raise TypeError
+        # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function, this is on every request
+        return _new_tuple(RateResult, (reply[0] == 1, reply[1], reply[2] / 1e6, reply[3] / 1e6, tuple(reply[4:])))
+    except TypeError:
+        return StoreUnavailable("error", f"unexpected reply {reply!r}", transport=False)
 
 
 def _is_noscript(reply: Any) -> bool:

@@ -1,7 +1,9 @@
 """An auto-pipelining Redis client: the calls of every request in one event-loop turn go out in one write.
 
 Theory of operation
-- `submit(commands)` queues one request's commands as a *group* and returns a future for all their replies.
+- `submit(payload, count)` queues one request's commands (already packed, `count` of them) as a *group* and
+  returns a future for all their replies — or for what the group's `finish` makes of them: a caller can decode
+  the replies as they arrive, in the reading callback, instead of in one more coroutine after the wake-up.
   The first submit in a loop turn schedules `_flush` with call_soon; the flush writes every queued group in one
   `transport.write` on one connection, registering each command's group in that connection's FIFO of pending
   replies in the same synchronous step (nothing can reorder writes and registrations).
@@ -21,7 +23,7 @@ import asyncio
 import collections
 import logging
 import ssl as ssl_module
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ from .errors import StoreUnavailable
 log = logging.getLogger("failgate.store")
 
 Command = tuple[str | bytes | int, ...]
+Finish = Callable[[asyncio.Future[Any], list[Any], Any], None]
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class Endpoint:
     ssl: ssl_module.SSLContext | None = None
 
 
-def _pack(commands: Sequence[Command]) -> bytes:
+def pack_commands(commands: Sequence[Command]) -> bytes:
     pack = hiredis.pack_command
     if len(commands) == 1:
         return pack(commands[0])  # type: ignore[arg-type]
@@ -53,19 +56,34 @@ def _pack(commands: Sequence[Command]) -> bytes:
 
 
 class _Group:
-    """One request's commands; resolves its future with the list of replies when the last one arrives."""
+    """One request's commands; resolves its future when the last reply arrives: with the list of replies, or
+    through `finish(future, replies, ctx)`, which must resolve it."""
 
-    __slots__ = ("future", "needed", "replies")
+    __slots__ = ("ctx", "finish", "future", "needed", "replies")
 
-    def __init__(self, future: asyncio.Future[list[Any]], needed: int) -> None:
+    def __init__(self, future: asyncio.Future[Any], needed: int, finish: Finish | None = None, ctx: Any = None) -> None:
         self.future = future
         self.needed = needed
         self.replies: list[Any] = []
+        self.finish = finish
+        self.ctx = ctx
 
     def add(self, reply: Any) -> None:
-        self.replies.append(reply)
-        if len(self.replies) == self.needed and not self.future.done():
-            self.future.set_result(self.replies)
+        replies = self.replies
+        replies.append(reply)
+        if len(replies) == self.needed:
+            future = self.future
+            if future.done():
+                return  # its request timed out or went away: the reply is dropped, in order
+            if self.finish is None:
+                future.set_result(replies)
+                return
+            try:
+                self.finish(future, replies, self.ctx)
+            except Exception as exc:  # a decoding bug must fail one request, never the connection's reader
+                log.exception("store reply could not be decoded")
+                if not future.done():
+                    future.set_exception(StoreUnavailable("error", f"undecodable reply: {exc!r}"))
 
     def fail(self, exc: StoreUnavailable) -> None:
         if not self.future.done():
@@ -111,11 +129,15 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.discard(StoreUnavailable("unavailable", "connection lost"))
 
-    def write(self, groups: list[_Group], counts: list[int], payload: bytes) -> None:
+    def write(self, groups: list[_Group], payload: bytes) -> None:
+        """Register every group's replies in order and write, with nothing in between that could reorder them."""
         pending = self.pending
-        for group, n in zip(groups, counts, strict=True):
-            for _ in range(n):
+        for group in groups:
+            n = group.needed
+            if n == 1:
                 pending.append(group)
+            else:
+                pending.extend([group] * n)
         assert self.transport is not None
         self.transport.write(payload)
 
@@ -147,8 +169,12 @@ class PipelinedClient:
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- the hot path ---------------------------------------------------------------------------------------
-    def submit(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
-        future: asyncio.Future[list[Any]] = self.loop.create_future()
+    def submit(self, payload: bytes, count: int, finish: Finish | None = None, ctx: Any = None,
+               future: asyncio.Future[Any] | None = None) -> asyncio.Future[Any]:
+        """Queue `count` packed commands as one group for this loop turn's write. `future` (default: a new one)
+        is what the group resolves."""
+        if future is None:
+            future = self.loop.create_future()
         if self._closed:
             future.set_exception(StoreUnavailable("unavailable", "store client closed"))
             return future
@@ -157,8 +183,8 @@ class PipelinedClient:
             batch = self._batch = _Batch()
             self.loop.call_soon(self._flush)
             batch.handle = self.loop.call_at(self.loop.time() + self.timeout, self._expire, batch)
-        batch.groups.append(_Group(future, len(commands)))
-        batch.payload.append(_pack(commands))
+        batch.groups.append(_Group(future, count, finish, ctx))
+        batch.payload.append(payload)
         return future
 
     def _flush(self) -> None:
@@ -173,15 +199,18 @@ class PipelinedClient:
         self._send(conn, batch)
 
     def _send(self, conn: _Connection, batch: _Batch) -> None:
-        live = [(g, p) for g, p in zip(batch.groups, batch.payload, strict=True) if not g.future.done()]
-        if not live:
-            return
-        groups = [g for g, _ in live]
-        counts = [g.needed for g in groups]
+        groups, payload = batch.groups, batch.payload
+        for g in groups:
+            if g.future.done():  # some request gave up while its batch waited for a connection: skip those
+                live = [(g, p) for g, p in zip(groups, payload, strict=True) if not g.future.done()]
+                if not live:
+                    return
+                groups, payload = [g for g, _ in live], [p for _, p in live]
+                break
         batch.conn = conn
         batch.seen_at_send = conn.received
-        conn.write(groups, counts, b"".join(p for _, p in live))
-        if conn.pending and len(self._conns) + self._connecting < self.pool_size and len(conn.pending) > 64:
+        conn.write(groups, payload[0] if len(payload) == 1 else b"".join(payload))
+        if len(conn.pending) > 64 and len(self._conns) + self._connecting < self.pool_size:
             self._grow()
 
     def _pick(self) -> _Connection | None:
@@ -259,8 +288,7 @@ class PipelinedClient:
             commands.append(("SELECT", ep.db))
         commands.append(("PING",))
         future: asyncio.Future[list[Any]] = self.loop.create_future()
-        group = _Group(future, len(commands))
-        conn.write([group], [len(commands)], _pack(commands))
+        conn.write([_Group(future, len(commands))], pack_commands(commands))
         replies = await future
         for r in replies:
             if isinstance(r, hiredis.ReplyError):

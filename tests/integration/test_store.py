@@ -127,6 +127,27 @@ async def test_scripts_are_reloaded_after_script_flush(redis_server: RedisServer
         await s.close()
 
 
+async def test_script_reload_in_a_mixed_round_trip_puts_every_answer_in_its_place(redis_server: RedisServer) -> None:
+    """Only the NOSCRIPT answers are sent again; the retried ones go back to their own positions."""
+    redis_server.command("SET", "t:rec2", "record")
+    s = redis_store(redis_server.url)
+    hour = 3600 * S  # the store's own clock (the packed-once path); windows long enough not to roll over here
+    ops = [GetOp("t:rec2"), RateOp("sliding_window", "t:mix:s", limit=5, window=hour, burst=5),
+           GetOp("t:none"), RateOp("fixed_window", "t:mix:f", limit=7, window=hour, burst=7)]
+    try:
+        first = await s.execute(ops)
+        assert first[0] == b"record" and first[2] is None
+        assert first[1].remaining == 4 and first[3].remaining == 6
+        assert redis_server.command("SCRIPT", "FLUSH") == b"+OK\r\n"
+        again = await s.execute(ops)
+        assert again[0] == b"record" and again[2] is None
+        assert again[1].remaining == 3
+        assert again[3].remaining == 5  # counted once more, not twice
+        assert (await s.execute(ops))[3].remaining == 4
+    finally:
+        await s.close()
+
+
 async def test_an_error_reply_is_reason_error_and_not_a_transport_failure(redis_server: RedisServer) -> None:
     redis_server.command("SET", "t:str", "not a hash")
     s = redis_store(redis_server.url)
