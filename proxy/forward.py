@@ -19,7 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config.schema import Upstream
-from .observe.metrics import UPSTREAM_DURATION
+from .observe.metrics import UPSTREAM_DURATION, FastHistogram
 
 log = logging.getLogger("failgate.forward")
 
@@ -76,7 +76,7 @@ class UpstreamClient:
         self.host_header = url.raw_authority  # what Host says unless preserve_host
         self._origin = f"{url.scheme}://{url.raw_authority}"
         self._base_path = url.raw_path.rstrip("/")
-        self._duration = UPSTREAM_DURATION.labels(name)
+        self._duration = FastHistogram(UPSTREAM_DURATION.labels(name))
         self._session: aiohttp.ClientSession | None = None
 
     @property

@@ -7,6 +7,8 @@ must be set before this module is imported) and the parent aggregates them for `
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -84,6 +86,33 @@ def mark_dead(pid: int) -> None:
         _mp.mark_process_dead(pid, path)
 
 
+# --- the hot path --------------------------------------------------------------------------------------------
+# Counter.inc and Histogram.observe check, on every call, things that cannot fail for the children made below
+# (observable, positive amounts) and a histogram walks its buckets one by one in Python: together ~1 µs and ~2 µs.
+# Every request updates several, so the hot path goes to the child's value objects directly — prometheus-client's
+# `_value`, `_sum`, `_buckets` and `_upper_bounds`, the same objects its own methods update and its exposition
+# (single- or multiprocess) reads. tests/unit/test_metrics.py holds them to the public methods' results.
+
+def incrementer(child: Counter) -> Callable[[float], None]:
+    """`child.inc` without its checks."""
+    return child._value.inc  # type: ignore[no-any-return]
+
+
+class FastHistogram:
+    """`observe` of one histogram child, its bucket found by bisection."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self._bounds = list(child._upper_bounds)  # ends with +Inf: every value has a bucket
+        self._buckets = [b.inc for b in child._buckets]
+        self._sum = child._sum.inc
+
+    def observe(self, value: float) -> None:
+        self._sum(value)
+        self._buckets[bisect_left(self._bounds, value)](1.0)
+
+
 class RouteMetrics:
     """A route's labelled children, resolved once at config load so the hot path does no label lookups."""
 
@@ -91,34 +120,35 @@ class RouteMetrics:
 
     def __init__(self, route: str) -> None:
         self._name = route
-        self._by_status: dict[int, Counter] = {}
-        self._decisions: dict[tuple[str, bool, str], Counter] = {}
-        self.duration = REQUEST_DURATION.labels(route)
+        self._by_status: dict[int, Callable[[float], None]] = {}
+        self._decisions: dict[tuple[str, bool, str], Callable[[float], None]] = {}
+        self.duration = FastHistogram(REQUEST_DURATION.labels(route))
 
     def decided(self, verdict: Verdict) -> None:
         key = (verdict.check, verdict.allow, verdict.basis)
-        child = self._decisions.get(key)
-        if child is None:
-            child = self._decisions[key] = DECISIONS.labels(
-                self._name, verdict.check, "allow" if verdict.allow else "deny", verdict.basis)
-        child.inc()
+        inc = self._decisions.get(key)
+        if inc is None:
+            inc = self._decisions[key] = incrementer(DECISIONS.labels(
+                self._name, verdict.check, "allow" if verdict.allow else "deny", verdict.basis))
+        inc(1.0)
 
     def count(self, status: int) -> None:
-        child = self._by_status.get(status)
-        if child is None:
-            child = self._by_status[status] = REQUESTS.labels(self._name, str(status))
-        child.inc()
+        inc = self._by_status.get(status)
+        if inc is None:
+            inc = self._by_status[status] = incrementer(REQUESTS.labels(self._name, str(status)))
+        inc(1.0)
 
 
 class StoreMetrics:
     """Store round-trip results, children resolved once."""
 
-    __slots__ = ("_by_result",)
+    __slots__ = ("_by_result", "_duration")
 
     def __init__(self) -> None:
-        self._by_result = {r: STORE_OPERATIONS.labels(r)
+        self._by_result = {r: incrementer(STORE_OPERATIONS.labels(r))
                            for r in ("ok", "timeout", "unavailable", "error", "breaker_open")}
+        self._duration = FastHistogram(STORE_DURATION)
 
     def observe(self, result: str, seconds: float) -> None:
-        self._by_result[result].inc()
-        STORE_DURATION.observe(seconds)
+        self._by_result[result](1.0)
+        self._duration.observe(seconds)

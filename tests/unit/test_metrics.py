@@ -1,0 +1,39 @@
+"""The hot-path metric updates give exactly what prometheus-client's own methods give."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from proxy.observe.metrics import FastHistogram, incrementer
+
+BUCKETS = (0.001, 0.01, 0.1, 1.0)
+VALUES = [0.0, 0.0005, 0.001, 0.0010001, 0.01, 0.05, 0.1, 1.0, 1.5, 1e9]  # every bound hit exactly, and past +Inf
+
+
+def _samples(registry: CollectorRegistry, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name.removeprefix(name), tuple(sorted((k, v) for k, v in s.labels.items() if k != "route"))): s.value
+            for metric in registry.collect() if metric.name == name for s in metric.samples
+            if not s.name.endswith("_created")}
+
+
+def test_fast_histogram_fills_the_same_buckets_and_sum_as_observe() -> None:
+    reference, fast = CollectorRegistry(), CollectorRegistry()
+    a = Histogram("h_seconds", "h", ["route"], buckets=BUCKETS, registry=reference).labels("r")
+    b = FastHistogram(Histogram("h_seconds", "h", ["route"], buckets=BUCKETS, registry=fast).labels("r"))
+    for v in VALUES:
+        a.observe(v)
+        b.observe(v)
+    expected = _samples(reference, "h_seconds")
+    assert _samples(fast, "h_seconds") == expected
+    assert expected[("_bucket", (("le", "0.001"),))] == 3.0  # 0, 0.0005 and 0.001 itself (le is inclusive)
+    assert expected[("_bucket", (("le", "+Inf"),))] == len(VALUES)
+
+
+def test_incrementer_counts_like_inc() -> None:
+    registry = CollectorRegistry()
+    child = Counter("c_total", "c", ["route"], registry=registry).labels("r")
+    inc = incrementer(child)
+    child.inc()
+    inc(1.0)
+    inc(1.0)
+    assert registry.get_sample_value("c_total", {"route": "r"}) == 3.0
