@@ -6,13 +6,16 @@ which move by tens of percent from run to run on shared cores.
 Runs the fast upstream, redis-server, the reference proxy and Failgate (each server in turn under callgrind with
 instrumentation off), then for each scenario switches instrumentation on, drives load with the bundled generator,
 switches it off and divides the instructions the server executed by the responses it served. Under callgrind a
-server runs ~50x slower, so these are counts, not speeds; compare them with each other."""
+server runs ~50x slower, so these are counts, not speeds; compare them with each other. They still move by a few
+percent from run to run (how many requests share an event-loop turn depends on timing): `--rounds N` measures
+every scenario N times, interleaved, and reports the median."""
 
 from __future__ import annotations
 
 import argparse
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +57,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     if not shutil.which("valgrind"):
         print("valgrind is not installed", file=sys.stderr)
@@ -76,37 +80,42 @@ def main() -> int:
                "no", "--dir", str(work)], rport)
         key = _seed_key(f"redis://127.0.0.1:{rport}/0")
         bearer = [("Authorization", f"Bearer {key}")]
-        rows = []
+        runs: dict[str, list[tuple[int, int]]] = {}
+
+        def measure(name: str, pid: int, out: Path, url: str, hdrs: list[tuple[str, str]]) -> None:
+            runs.setdefault(name, []).append(_measure(pid, out, url, args.seconds, args.concurrency, hdrs))
+
         ref_port = _port()
         out = work / "ref.cg"
         ref = spawn(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                      py, "-m", "benchmarks.refproxy", str(ref_port), f"http://127.0.0.1:{up}"], ref_port)
-        rows.append(("reference proxy", *_measure(ref.pid, out, f"http://127.0.0.1:{ref_port}/x", args.seconds,
-                                                  args.concurrency, [])))
         ref2_port = _port()
         out2 = work / "ref2.cg"
         ref2 = spawn(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out2}",
                       py, "-m", "benchmarks.refproxy", str(ref2_port), f"http://127.0.0.1:{up}",
                       f"redis://127.0.0.1:{rport}/0"], ref2_port)
-        rows.append(("reference proxy + 1 store call", *_measure(ref2.pid, out2, f"http://127.0.0.1:{ref2_port}/x",
-                                                                 args.seconds, args.concurrency, [])))
         fg_port, fg_admin = _port(), _port()
         cfg = work / "failgate.yaml"
         _failgate_config(cfg, fg_port, fg_admin, up, f"redis://127.0.0.1:{rport}/0")
         text = cfg.read_text().replace("timeout: 50ms", "timeout: 5s")  # callgrind is slow: no spurious timeouts
         cfg.write_text(text)
-        out = work / "fg.cg"
-        fg = spawn(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+        out3 = work / "fg.cg"
+        fg = spawn(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out3}",
                     py, "-m", "proxy", "run", "-c", str(cfg)], fg_port)
         base = f"http://127.0.0.1:{fg_port}"
         scenarios = (("failgate passthrough", "/pass", []), ("failgate rate_limit sliding", "/rl/sliding", []),
                      ("failgate auth", "/auth", bearer), ("failgate auth + rate_limit", "/auth-rl", bearer))
-        for name, path, hdrs in scenarios:
-            rows.append((name, *_measure(fg.pid, out, base + path, args.seconds, args.concurrency, hdrs)))
-        print(f"instructions per request (callgrind), {args.concurrency} connections, {args.seconds:g}s each")
+        for _ in range(args.rounds):
+            measure("reference proxy", ref.pid, out, f"http://127.0.0.1:{ref_port}/x", [])
+            measure("reference proxy + 1 store call", ref2.pid, out2, f"http://127.0.0.1:{ref2_port}/x", [])
+            for name, path, hdrs in scenarios:
+                measure(name, fg.pid, out3, base + path, hdrs)
+        rows = [(name, statistics.median(total / n for total, n in results if n), sum(n for _, n in results))
+                for name, results in runs.items()]
+        print(f"instructions per request (callgrind), {args.concurrency} connections, {args.seconds:g}s each, "
+              f"median of {args.rounds}")
         base_per = ref_per = 0.0
-        for name, total, n in rows:
-            per = total / n if n else 0
+        for name, per, n in rows:
             if name == "failgate passthrough":
                 base_per = per
             if name == "reference proxy":
@@ -117,7 +126,8 @@ def main() -> int:
                 extra = f"  (+{(per - ref_per) / 1000:.0f}k over the reference proxy)"
             else:
                 extra = ""
-            print(f"  {name:<30} {per / 1000:8.0f}k  over {n} responses{extra}")
+            each = " ".join(f"{total / k / 1000:.0f}k" for total, k in runs[name] if k)
+            print(f"  {name:<30} {per / 1000:8.0f}k  over {n} responses{extra}  [{each}]")
         return 0
     finally:
         for p in procs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -83,6 +84,16 @@ async def _serve_admin(owner: Any, cfg: Any) -> web.AppRunner:
     return admin
 
 
+def settle_gc() -> None:
+    """Called once a process serves. What exists by then (modules, the compiled config, pools) lives as long as the
+    process: gc.freeze() takes it out of every later collection's walk. A request allocates hundreds of
+    short-lived containers and almost never a cycle, so the youngest generation is collected every 10,000
+    allocations instead of 700."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 def _stop_event() -> asyncio.Event:
     """SIGTERM/SIGINT set it. Installed before anything listens, so that a process that already answers
     `/readyz` never dies of the default SIGTERM action."""
@@ -123,6 +134,7 @@ async def run_single(state: ConfigState, on_started: Any = None) -> None:
     owner = SingleProcess(state)
     admin = await _serve_admin(owner, cfg)
     await owner.serving.start()
+    settle_gc()
     if on_started is not None:
         on_started(owner.serving)
     log.info("failgate serving on %s:%d (admin %s:%d), config %s sha256 %s", cfg.listen.host, cfg.listen.port,
@@ -164,6 +176,7 @@ async def worker_main() -> None:
         send({"event": "state", "breaker": NAMES[state]})
 
     serving.breaker.on_change = breaker_changed
+    settle_gc()
     send({"event": "ready", "pid": os.getpid(), "sha256": loaded.sha256})
 
     async def control() -> None:
