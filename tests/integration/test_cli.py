@@ -123,3 +123,15 @@ async def test_demo_serves_the_echo_api_through_the_proxy_with_a_seeded_key() ->
         out += rest or ""
     assert proc.returncode == 0
     assert "Failgate demo is running." in out and "A demo API key" in out
+
+
+def test_run_workers_override_is_checked_like_the_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "mem.yaml"
+    cfg.write_text("version: 1\nupstreams: {api: {url: 'http://127.0.0.1:9'}}\n"
+                   "routes: [{name: all, match: {path: /, prefix: true}, upstream: api}]\n")
+    r = failgate("run", "-c", str(cfg), "--workers", "2")
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"error: {cfg}: workers: memory:// keeps state inside one process and needs 1 worker "
+                                f"(--workers 2 given)")
+    r = failgate("run", "-c", str(cfg), "--workers", "0")
+    assert (r.returncode, r.stderr.strip()) == (1, "error: --workers must be 1 or more")

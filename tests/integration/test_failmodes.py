@@ -243,3 +243,25 @@ async def test_a_worker_restarted_during_a_rehearsal_joins_it(upstream: Upstream
         assert tags == {"rate_limit;mode=open;reason=unavailable"}
     finally:
         assert p.stop() == 0
+
+
+async def test_a_renamed_degraded_header_is_the_only_tag_both_ways(upstream: Upstream,
+                                                                   redis_server: RedisServer) -> None:
+    """`headers.degraded` renames the tag: the response and the upstream get the new name; client copies of it, and
+    of the default name, are stripped; the default name is not sent at all."""
+    extra = store(redis_server.url) + "headers: {degraded: X-Acme-Unchecked}\n"
+    async with InProcessProxy(config_text(upstream.url, ROUTES, extra=extra)) as p:
+        forged = {"X-Acme-Unchecked": "forged", "Failgate-Degraded": "forged-default"}
+        r = await raw_request(p.port, "/guard", headers=forged)
+        assert r.status == 200 and "x-acme-unchecked" not in r.headers
+        names = [k.lower() for k, _ in upstream.seen[-1]["headers"]]
+        # healthy store: nothing to tag, and both forged copies are gone
+        assert "x-acme-unchecked" not in names and "failgate-degraded" not in names
+        redis_server.kill()
+        r = await raw_request(p.port, "/guard", headers=forged)
+        assert r.status == 200
+        assert r.headers["x-acme-unchecked"] == "rate_limit;mode=open;reason=unavailable"
+        assert "failgate-degraded" not in r.headers
+        sent = upstream.seen[-1]["headers"]
+        assert [v for k, v in sent if k.lower() == "x-acme-unchecked"] == ["rate_limit;mode=open;reason=unavailable"]
+        assert "failgate-degraded" not in [k.lower() for k, _ in sent]

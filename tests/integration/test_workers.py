@@ -118,3 +118,17 @@ async def test_sigterm_stops_every_worker(upstream: Upstream, tmp_path: Path) ->
     assert p.stop(signal.SIGTERM) == 0
     await asyncio.sleep(0.2)
     assert not [w for w in workers if os.path.exists(f"/proc/{w}")]
+
+
+async def test_workers_flag_overrides_the_config(upstream: Upstream, tmp_path: Path) -> None:
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(config_text(upstream.url, ALL, extra="workers: 1\nstore: {url: 'redis://127.0.0.1:6399/0'}\n"))
+    p = ProxyProcess(cfg, "--workers", "3").start()
+    try:
+        body = await p.wait_ready(workers=3)
+        assert body["workers"]["configured"] == 3
+        assert p.proc is not None and len(children(p.proc.pid)) == 3
+        async with aiohttp.ClientSession() as s, s.get(p.url + "/x") as r:
+            assert r.status == 200
+    finally:
+        assert p.stop() == 0
