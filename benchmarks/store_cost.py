@@ -5,7 +5,7 @@ sliding-window rate-limit call after another, and reports this process's CPU mic
 CPU accounting, so Redis's CPU is not counted) and the average batch size the client wrote:
 
   store      RedisStore.execute, as the reference proxy calls it
-  stack      the same through the breaker (and the idle chaos switch), as Failgate's pipeline calls it
+  stack      the same through the breaker (and the idle chaos switch), called as Failgate's pipeline calls it
   yield      a bare suspend/resume on the next loop turn: the floor any round trip pays per request
 
 The store's "added cost per request" of issue #3 is `stack` (a proxy with no store call pays none of it).
@@ -87,8 +87,13 @@ async def _calls(url: str) -> tuple[RedisStore, dict[str, Any]]:
     async def via_store() -> None:
         await store.execute(ops)
 
-    async def via_stack() -> None:
-        await stack.execute(ops)
+    async def via_stack() -> None:  # as proxy/pipeline.py calls it
+        try:
+            results = await stack.begin(ops)
+        except Exception as exc:
+            stack.settle(None, exc)  # type: ignore[arg-type]
+            raise
+        stack.settle(results, None)
 
     async def bare_yield() -> None:
         f = loop.create_future()

@@ -28,7 +28,7 @@ from .observe.metrics import RouteMetrics, StoreMetrics
 from .pipeline import Decision, run_checks
 from .responses import error_response
 from .routing import BadTarget, Router, Target, compile_match, host_of, parse_target
-from .store import Store
+from .store.breaker import BreakerStore
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
 # Failgate's own identity headers: a client must never be able to send them upstream (SPEC §5).
@@ -64,7 +64,7 @@ CHECKED: web.RequestKey[tuple[Decision, str]] = web.RequestKey("checked", tuple)
 class Runtime:
     """A compiled config: the router, its routes and upstream clients, and the per-request settings."""
 
-    def __init__(self, loaded: LoadedConfig, store: Store, *, workers: int | None = None,
+    def __init__(self, loaded: LoadedConfig, store: BreakerStore, *, workers: int | None = None,
                  local: LocalLimiter | None = None, keys: KeyMemory | None = None,
                  decisions: DecisionLog | None = None, upstreams: dict[str, UpstreamClient] | None = None) -> None:
         cfg = loaded.config

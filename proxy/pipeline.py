@@ -58,12 +58,20 @@ async def run_checks(rt: Runtime, route: Route, headers: Any, client: str) -> De
 
     results: list[Any] | None = None
     failure: StoreUnavailable | None = None
-    if ops:  # the round trip, inline: one await level less on the hot path
+    if ops:  # the round trip, inline (breaker included): no await level of its own on the hot path
         started = time.perf_counter()
+        store = rt.store
         try:
-            results = await rt.store.execute(ops)
+            results = await store.begin(ops)
         except StoreUnavailable as exc:
             failure = exc
+            if exc.reason != "breaker_open":  # a refusal by the breaker itself is not an outcome to count
+                store.settle(None, exc)
+        except BaseException:
+            store.abandon()
+            raise
+        else:
+            store.settle(results, None)
         rt.store_metrics.observe(failure.reason if failure is not None else "ok", time.perf_counter() - started)
 
     if auth is not None:

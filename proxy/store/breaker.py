@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .errors import StoreUnavailable
@@ -80,30 +80,49 @@ class BreakerStore:
         self.raw = raw if raw is not None else inner
         self.breaker = breaker
 
-    async def execute(self, ops: Sequence[Op]) -> list[Any]:
-        breaker = self.breaker
-        if not breaker.allow():
+    # The pipeline calls begin / settle / abandon itself: one coroutine level less on every checked request
+    # (execute, below, is the same thing as one coroutine, for every other caller).
+    def begin(self, ops: Sequence[Op]) -> Awaitable[list[Any]]:
+        """Raises StoreUnavailable("breaker_open") at once when the breaker refuses; otherwise the store call to
+        await, whose outcome the caller must report with `settle` (an answer or a StoreUnavailable) or `abandon`
+        (cancelled: the client went away)."""
+        if not self.breaker.allow():
             raise StoreUnavailable("breaker_open", "the store breaker is open")
         target = self.raw if getattr(self.inner, "fault", None) is None else self.inner
-        try:
-            results = await target.execute(ops)
-        except StoreUnavailable as exc:
-            if exc.transport:
+        return target.execute(ops)  # type: ignore[no-any-return]
+
+    def settle(self, results: list[Any] | None, failure: StoreUnavailable | None) -> None:
+        breaker = self.breaker
+        if failure is not None:
+            if failure.transport:
                 breaker.failure()
             else:
                 breaker.success()
-            raise
-        except BaseException:
-            # cancelled (the client went away): the probe, if this was it, must not stay out forever
-            if breaker.state == HALF_OPEN:
-                breaker._probe_out = False
-            raise
+            return
+        assert results is not None
         for r in results:
             if type(r) is StoreUnavailable and r.transport:
                 breaker.failure()
-                return results
+                return
         if breaker.consecutive or breaker.state != CLOSED:
             breaker.success()
+
+    def abandon(self) -> None:
+        """The probe, if this call was it, must not stay out forever."""
+        if self.breaker.state == HALF_OPEN:
+            self.breaker._probe_out = False
+
+    async def execute(self, ops: Sequence[Op]) -> list[Any]:
+        call = self.begin(ops)
+        try:
+            results = await call
+        except StoreUnavailable as exc:
+            self.settle(None, exc)
+            raise
+        except BaseException:
+            self.abandon()
+            raise
+        self.settle(results, None)
         return results
 
     async def close(self) -> None:

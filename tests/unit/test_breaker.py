@@ -80,3 +80,57 @@ def test_decision_log_summarizes_bursts_per_route_per_second() -> None:
                               "config_sha256")} == {
         "check": "rate_limit", "decision": "allow", "basis": "open", "reason": "timeout", "status": 200,
         "client": "10.0.0.2", "principal": "p", "config_sha256": "abc"}
+
+
+class Silent:
+    """A store that never answers (what a hung Redis looks like to one request), and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def execute(self, ops: object) -> list[object]:
+        import asyncio
+
+        self.calls += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_probe_whose_request_is_cancelled_does_not_keep_the_breaker_shut() -> None:
+    """Through the check pipeline: the client of the half-open probe goes away; the next request is a probe again
+    (not refused forever as `breaker_open`)."""
+    import asyncio
+
+    from multidict import CIMultiDict
+
+    from proxy.app import Runtime
+    from proxy.config import load_text
+    from proxy.pipeline import run_checks
+    from proxy.store.breaker import BreakerStore
+
+    loaded = load_text("""version: 1
+upstreams: {api: {url: "http://127.0.0.1:9"}}
+routes:
+  - {name: rl, match: {path: /}, upstream: api, rate_limit: {limit: 5, per: 1m, key: route, on_store_error: closed}}
+""", "t.yaml")
+    clock = Clock()
+    breaker = Breaker(1, 5.0, clock=clock)
+    breaker.failure()
+    assert breaker.state == OPEN
+    silent = Silent()
+    rt = Runtime(loaded, BreakerStore(silent, breaker))
+    route = rt.router.match("GET", None, "/")
+    headers = CIMultiDict({"Host": "x"})
+    refused = await run_checks(rt, route, headers, "10.0.0.1")
+    assert refused.deny is not None and refused.deny.basis == "closed" and silent.calls == 0  # open: not asked
+    clock.t += 5.0
+    probe = asyncio.ensure_future(run_checks(rt, route, headers, "10.0.0.1"))
+    await asyncio.sleep(0)
+    assert silent.calls == 1 and breaker.state == HALF_OPEN
+    probe.cancel()
+    await asyncio.gather(probe, return_exceptions=True)
+    second = asyncio.ensure_future(run_checks(rt, route, headers, "10.0.0.1"))
+    await asyncio.sleep(0)
+    assert silent.calls == 2  # the next request went out as the probe
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
