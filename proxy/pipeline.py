@@ -62,16 +62,20 @@ async def run_checks(rt: Runtime, route: Route, headers: Any, client: str) -> De
         started = time.perf_counter()
         store = rt.store
         try:
-            results = await store.begin(ops)
+            call = store.begin(ops)  # BreakerStore.execute, unrolled; a refusal by the breaker is not an outcome
         except StoreUnavailable as exc:
             failure = exc
-            if exc.reason != "breaker_open":  # a refusal by the breaker itself is not an outcome to count
-                store.settle(None, exc)
-        except BaseException:
-            store.abandon()
-            raise
         else:
-            store.settle(results, None)
+            try:
+                results = await call
+            except StoreUnavailable as exc:
+                failure = exc
+                store.settle(None, exc)
+            except BaseException:
+                store.abandon()
+                raise
+            else:
+                store.settle(results, None)
         rt.store_metrics.observe(failure.reason if failure is not None else "ok", time.perf_counter() - started)
 
     if auth is not None:

@@ -108,8 +108,6 @@ async def test_admin_endpoints(upstream: Upstream, tmp_path: Path, monkeypatch) 
 
 
 async def test_sigterm_under_load_finishes_every_request_in_flight(upstream: Upstream, tmp_path: Path) -> None:
-    import asyncio
-
     cfg = tmp_path / "f.yaml"
     cfg.write_text(config_text(upstream.url, ALL, extra="shutdown_grace: 10s\n"))
     p = ProxyProcess(cfg).start()
