@@ -49,6 +49,14 @@ def _bad(detail: str) -> web.Response:
     return web.json_response({"error": "bad_request", "detail": detail}, status=400)
 
 
+async def _json_object(request: web.Request) -> dict[str, Any] | None:
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 def _enc(value: Any) -> Any:
     if isinstance(value, Duration):
         return format_duration(value)
@@ -109,11 +117,8 @@ def build_admin(status: Status, token: str | None, *, chaos: bool = False) -> we
         return resp
 
     async def chaos_set(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
+        body = await _json_object(request)
+        if body is None:
             return _bad('expected a JSON object such as {"fault": "hang", "for": "30s"}')
         unknown = set(body) - {"fault", "delay", "for"}
         if unknown:
@@ -129,7 +134,20 @@ def build_admin(status: Status, token: str | None, *, chaos: bool = False) -> we
         await status.control({"op": "chaos_clear"})
         return web.json_response({"fault": None})
 
+    async def test_stall(request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        if body is None:
+            return _bad('expected a JSON object such as {"ms": 200, "at": "queued"}')
+        reply = await status.control({"op": "test_stall", "ms": body.get("ms"), "at": body.get("at")})
+        if not reply.get("ok"):
+            return _bad(str(reply.get("error")))
+        return web.json_response({"stall": body})
+
     app = web.Application(middlewares=[require_token])
+    from . import testhooks
+
+    if testhooks.ENABLED:  # Failgate's own test suite only; see testhooks.py
+        app.router.add_post("/_test/stall", test_stall)
     if chaos:
         app.router.add_post("/chaos/store", chaos_set)
         app.router.add_delete("/chaos/store", chaos_clear)

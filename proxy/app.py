@@ -100,7 +100,6 @@ class Runtime:
         self.request_id_header = cfg.headers.request_id
         self.degraded_header = cfg.headers.degraded
         self.retry_after = cfg.store.breaker.open_for
-        self.store_timeout = cfg.store.timeout
         self.max_body = cfg.limits.max_body
         self.strip = frozenset(
             [cfg.headers.degraded.lower(), *_OWN, "host", "x-forwarded-proto", "x-forwarded-host",

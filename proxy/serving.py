@@ -13,6 +13,7 @@ from aiohttp import web
 
 from .config import LoadedConfig
 from .observe.decisionlog import DecisionLog, LogWriter
+from .observe.lag import LagSampler
 from .observe.metrics import BREAKER_STATE
 from .store import open_store
 from .store.breaker import NAMES, Breaker, BreakerStore
@@ -42,6 +43,7 @@ class Serving:
         self._server: Any = None
         self._retiring: set[asyncio.Task[None]] = set()
         self.writer = LogWriter(log_stream)
+        self.lag = LagSampler()
 
     async def start(self) -> None:
         from .app import Proxy, Runtime
@@ -72,6 +74,7 @@ class Serving:
         await site.start()
         self.listening = True
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        self.lag.start()
 
     def _store_stack(self, store_cfg: Any) -> BreakerStore:
         """client -> chaos switch -> breaker; the breaker's state goes to the gauge (and, in a worker, the parent)."""
@@ -149,11 +152,23 @@ class Serving:
             self.chaos.clear()
             log.warning("chaos: store fault cleared")
             return {"ok": True}
+        if op == "test_stall":
+            from . import testhooks
+
+            client = getattr(self.store, "client", None)
+            if not testhooks.ENABLED or client is None:
+                return {"ok": False, "error": "test hooks are off, or the store is not Redis"}
+            try:
+                testhooks.stall_store_client(client, *testhooks.parse_stall(cmd))
+            except ValueError as exc:
+                return {"ok": False, "error": str(exc)}
+            return {"ok": True}
         return {"ok": False, "error": f"unknown control op {op!r}"}
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish within shutdown_grace, close pools, store and log."""
         self.listening = False
+        self.lag.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         for task in list(self._retiring):

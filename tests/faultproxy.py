@@ -68,7 +68,7 @@ class FaultProxy:
                 await asyncio.sleep(self.delay)
             writer.write(data)
             await writer.drain()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: uvloop's transport is already closed
             writer.write_eof()
 
     async def stop(self) -> None:

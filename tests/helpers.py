@@ -150,9 +150,11 @@ class InProcessProxy:
 class ProxyProcess:
     """`python -m proxy run -c FILE` as a real process."""
 
-    def __init__(self, config_path: Path, *args: str, port: int | None = None, admin_port: int | None = None) -> None:
+    def __init__(self, config_path: Path, *args: str, port: int | None = None, admin_port: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.args = args
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         if port is None or admin_port is None:
             from proxy.config import load_file
@@ -172,7 +174,7 @@ class ProxyProcess:
 
     def start(self) -> ProxyProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path), *self.args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True,

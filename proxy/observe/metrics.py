@@ -48,6 +48,12 @@ STORE_DURATION = Histogram(
     registry=REGISTRY,
 )
 
+EVENT_LOOP_LAG = Histogram(
+    "failgate_event_loop_lag_seconds", "How late a timer ran in this process's event loop (sampled every 20 ms): "
+    "time Failgate itself was too busy to serve anything",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=REGISTRY,
+)
+
 BREAKER_STATE = Gauge(
     "failgate_breaker_state", "The store breaker of each process: 0 closed, 1 half-open, 2 open",
     registry=REGISTRY, multiprocess_mode="liveall",

@@ -6,7 +6,10 @@ half-open  then exactly one call (the probe) goes through; its success closes th
            again for another `open_for`. Calls arriving while the probe is out are refused like `open`.
 
 Only transport failures count: timeouts, refused or reset connections, server-wide error replies (LOADING,
-READONLY, OOM…). An error about one record (a malformed value) does not, so no client input can open it.
+READONLY, OOM…). An error about one record (a malformed value) does not, so no client input can open it. And it
+counts failed *round trips*, not requests: the calls that failed together (one `Trip`: everything that expired in
+one pass of the event loop, everything waiting on one lost connection) are one failure, so a stall of Failgate's
+own loop that delays many requests at once is at most one.
 """
 
 from __future__ import annotations
@@ -94,10 +97,15 @@ class BreakerStore:
     def settle(self, results: list[Any] | None, failure: StoreUnavailable | None) -> None:
         breaker = self.breaker
         if failure is not None:
-            if failure.transport:
-                breaker.failure()
-            else:
+            if not failure.transport:
                 breaker.success()
+                return
+            trip = failure.trip
+            if trip is None:
+                breaker.failure()
+            elif not trip.counted:
+                trip.counted = True
+                breaker.failure()
             return
         assert results is not None
         for r in results:

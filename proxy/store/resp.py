@@ -8,13 +8,16 @@ Theory of operation
   `transport.write` on one connection, registering each command's group in that connection's FIFO of pending
   replies in the same synchronous step (nothing can reorder writes and registrations).
 - Replies are parsed by hiredis and handed to the pending groups in order. A group whose future is already done
-  (its request timed out or went away) still consumes its replies — they are dropped, never given to someone else.
-- Deadlines: one timer per batch, not one per request. When it fires, every group of the batch still waiting
-  fails with StoreUnavailable("timeout"). If the connection it was written to has sent no byte at all since the
-  batch went out, the connection is discarded: every group waiting on it fails with StoreUnavailable
-  ("unavailable"); nothing is retried (a retried INCR would count twice).
+  (its request went away) still consumes its replies — they are dropped, never given to someone else.
+- Deadlines (`store.timeout`) blame the store only for its own slowness (deadline.py): one per batch, armed when
+  the batch is flushed — written, or waiting for a connection — never when a request queues a call; it fails
+  the batch only after `timeout` of real time *and* an I/O poll, so replies that arrived while Failgate was busy
+  are read first. If the connection the batch was written to has sent no byte at all since, it is discarded:
+  every group waiting on it fails with StoreUnavailable("unavailable"); nothing is retried (a retried INCR would
+  count twice). Every failure made in one pass of the loop shares one `Trip`: the breaker counts it once.
 - Connections are opened lazily up to `pool_size`; each is ready only after its handshake (AUTH, SELECT, PING)
-  answered within `connect_timeout`. A batch waits for a ready connection no longer than its deadline.
+  answered within `connect_timeout` (with the same rules). A flushed batch waits for a ready connection no longer
+  than its deadline.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from typing import Any
 
 import hiredis
 
-from .errors import StoreUnavailable
+from ..deadline import Deadline, within
+from .errors import StoreUnavailable, Trip
 
 log = logging.getLogger("failgate.store")
 
@@ -93,14 +97,17 @@ class _Group:
 
 
 class _Batch:
-    __slots__ = ("conn", "groups", "handle", "payload", "seen_at_send")
+    __slots__ = ("conn", "deadline", "groups", "payload", "seen_at_send")
 
     def __init__(self) -> None:
         self.groups: list[_Group] = []
         self.payload: list[bytes] = []
         self.conn: _Connection | None = None
         self.seen_at_send = 0  # the connection's `received` count when this batch was written
-        self.handle: asyncio.TimerHandle | None = None
+        self.deadline: Deadline | None = None
+
+    def pending(self) -> bool:
+        return any(not g.future.done() for g in self.groups)
 
 
 class _Connection(asyncio.Protocol):
@@ -124,10 +131,11 @@ class _Connection(asyncio.Protocol):
             while (reply := self.reader.gets()) is not False:
                 pending.popleft().add(reply)
         except (hiredis.ProtocolError, IndexError) as exc:
-            self.discard(StoreUnavailable("unavailable", f"protocol error: {exc}"))
+            self.discard(StoreUnavailable("unavailable", f"protocol error: {exc}", trip=self.pool.trip()))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.discard(StoreUnavailable("unavailable", "connection lost"))
+        if not self.closed:
+            self.discard(StoreUnavailable("unavailable", "connection lost", trip=self.pool.trip()))
 
     def write(self, groups: list[_Group], payload: bytes) -> None:
         """Register every group's replies in order and write, with nothing in between that could reorder them."""
@@ -167,6 +175,7 @@ class PipelinedClient:
         self._rr = 0
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._trip: Trip | None = None  # shared by the failures of this pass of the loop
 
     # --- the hot path ---------------------------------------------------------------------------------------
     def submit(self, payload: bytes, count: int, finish: Finish | None = None, ctx: Any = None,
@@ -182,7 +191,6 @@ class PipelinedClient:
         if batch is None:
             batch = self._batch = _Batch()
             self.loop.call_soon(self._flush)
-            batch.handle = self.loop.call_at(self.loop.time() + self.timeout, self._expire, batch)
         batch.groups.append(_Group(future, count, finish, ctx))
         batch.payload.append(payload)
         return future
@@ -191,6 +199,9 @@ class PipelinedClient:
         batch, self._batch = self._batch, None
         if batch is None:
             return
+        # The deadline starts now, not when the requests queued their calls: however long this loop turn took to
+        # get here, it was Failgate's time, not the store's.
+        batch.deadline = Deadline(self.loop, self.timeout, lambda: self._expire(batch), batch.pending)
         conn = self._pick()
         if conn is None:
             self._waiting.append(batch)
@@ -226,7 +237,8 @@ class PipelinedClient:
         return min(ready, key=lambda c: len(c.pending))
 
     def _expire(self, batch: _Batch) -> None:
-        exc = StoreUnavailable("timeout", f"no answer within {self.timeout * 1000:g}ms")
+        trip = self.trip()
+        exc = StoreUnavailable("timeout", f"no answer within {self.timeout * 1000:g}ms", trip=trip)
         for g in batch.groups:
             g.fail(exc)
         if batch in self._waiting:
@@ -234,7 +246,19 @@ class PipelinedClient:
         conn = batch.conn
         if conn is not None and not conn.closed and conn.received == batch.seen_at_send:
             log.warning("store connection gave no reply for %gms; discarding it", self.timeout * 1000)
-            conn.discard(StoreUnavailable("unavailable", "connection discarded: no reply"))
+            conn.discard(StoreUnavailable("unavailable", "connection discarded: no reply", trip=trip))
+
+    def trip(self) -> Trip:
+        """The failed round trip of this pass of the event loop: every failure made before the loop moves on
+        shares it."""
+        trip = self._trip
+        if trip is None:
+            trip = self._trip = Trip()
+            self.loop.call_soon(self._end_pass)
+        return trip
+
+    def _end_pass(self) -> None:
+        self._trip = None
 
     # --- connections ----------------------------------------------------------------------------------------
     def _grow(self) -> None:
@@ -248,7 +272,7 @@ class PipelinedClient:
     async def _connect(self) -> None:
         conn: _Connection | None = None
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with within(self.connect_timeout):
                 conn = await self._open()
                 await self._handshake(conn)
         except Exception as exc:  # the boundary: whatever went wrong, it is "unavailable", never a wedged pool
@@ -256,9 +280,10 @@ class PipelinedClient:
                 log.debug("store connect failed: %r", exc)
             else:
                 log.exception("store connect failed unexpectedly")
+            trip = self.trip()
             if conn is not None:
-                conn.discard(StoreUnavailable("unavailable", "handshake failed"))
-            self._fail_waiting(StoreUnavailable("unavailable", f"cannot connect: {exc!r}"))
+                conn.discard(StoreUnavailable("unavailable", "handshake failed", trip=trip))
+            self._fail_waiting(StoreUnavailable("unavailable", f"cannot connect: {exc!r}", trip=trip))
             return
         finally:
             self._connecting -= 1
