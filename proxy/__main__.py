@@ -20,15 +20,25 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .checkcmd import describe
+    from .checkcmd import describe, warnings
 
-    try:
-        loaded = load_file(args.file)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(describe(loaded))
-    return 0
+    files = [*args.files, *args.config]
+    if not files:
+        print("error: name a config file: failgate check FILE (or -c FILE)", file=sys.stderr)
+        return 2
+    status = 0
+    for file in files:
+        try:
+            loaded = load_file(file)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(describe(loaded))
+        if args.strict and warnings(loaded):
+            print(f"{file}: warnings are errors with --strict", file=sys.stderr)
+            status = 1
+    return status
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -100,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check", help="validate a config and print what it does")
-    p.add_argument("file")
+    p = sub.add_parser("check", help="validate configs and print what they do")
+    p.add_argument("files", nargs="*", metavar="FILE")
+    p.add_argument("-c", "--config", action="append", default=[], metavar="FILE", help="a config file (repeatable)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when there is any warning (for CI)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("keys", help="manage API keys in the config's store")

@@ -82,13 +82,22 @@ def _set_path(doc: Any, path: str, value: str) -> None:
 
 
 def build_admin(status: Status, token: str | None, *, chaos: bool = False) -> web.Application:
+    expected = f"Bearer {token}".encode() if token is not None else b""
+
     @web.middleware
-    async def require_token(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.method in ("POST", "DELETE") and token is not None:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        # The token (when set) guards everything that changes state and the running config; compared in constant
+        # time, and any bytes a client sends are just a wrong token (401), never an error.
+        if token is not None and (request.method in ("POST", "DELETE") or request.path == "/config"):
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):
                 return web.json_response({"error": "unauthorized", "detail": "admin token required"},
                                          status=401, headers={"WWW-Authenticate": "Bearer"})
+        # A browser can POST text/plain or a form to any address without asking first, but not JSON: requiring
+        # it keeps a web page from driving the admin listener (reloads, outage rehearsals) when no token is set.
+        if request.method == "POST" and request.content_type != "application/json":
+            return web.json_response({"error": "unsupported_media_type", "detail": "send Content-Type: "
+                                      "application/json (a JSON body, or none)"}, status=415)
         return await handler(request)
 
     async def healthz(_: web.Request) -> web.Response:
@@ -143,7 +152,7 @@ def build_admin(status: Status, token: str | None, *, chaos: bool = False) -> we
             return _bad(str(reply.get("error")))
         return web.json_response({"stall": body})
 
-    app = web.Application(middlewares=[require_token])
+    app = web.Application(middlewares=[guard])
     from . import testhooks
 
     if testhooks.ENABLED:  # Failgate's own test suite only; see testhooks.py

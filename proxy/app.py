@@ -14,7 +14,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import web, web_response
+from aiohttp.http import HttpVersion10, HttpVersion11
 
 from .checks.auth import AuthCheck, Identity
 from .checks.local import LocalLimiter
@@ -22,12 +23,13 @@ from .checks.memo import KeyMemory
 from .checks.ratelimit import RateLimitCheck
 from .config import LoadedConfig
 from .config.validate import resolve_workers
-from .forward import HOP_BY_HOP, ClientGone, Outgoing, UpstreamClient, UpstreamFailed, upstream_headers
+from .forward import HOP_BY_HOP, SPOOFABLE, ClientGone, Outgoing, UpstreamClient, UpstreamFailed, upstream_headers
+from .listener import MalformedLog
 from .observe.decisionlog import DecisionLog, LogWriter
 from .observe.metrics import RouteMetrics, StoreMetrics
 from .pipeline import Decision, run_checks
 from .responses import error_response
-from .routing import BadTarget, Router, Target, compile_match, host_of, parse_target
+from .routing import Authority, BadTarget, Router, Target, authority_of, compile_match, parse_target
 from .store.breaker import BreakerStore
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
@@ -36,6 +38,7 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
 # read the default name must not be fooled by a client copy of it after a rename.
 _OWN = ("failgate-degraded", "x-failgate-principal", "x-failgate-scopes")
 _NO_ROUTE = RouteMetrics("")
+_SERVED_VERSIONS = (HttpVersion10, HttpVersion11)
 # Request ids: a random per-process prefix and a counter — unique, and no system call per request.
 _RID_PREFIX = os.urandom(6).hex()
 _rid_counter = itertools.count(1)
@@ -88,7 +91,9 @@ class Runtime:
             strip = len(m.path) if r.strip_prefix and m.path != "/" else 0
             rl = auth = None
             if r.rate_limit is not None:
-                rl = RateLimitCheck(r.name, r.rate_limit, key_prefix=cfg.store.key_prefix, workers=workers)
+                rl = RateLimitCheck(r.name, r.rate_limit, key_prefix=cfg.store.key_prefix, workers=workers,
+                                    auth_header=r.auth.header if r.auth is not None else None,
+                                    auth_scheme=r.auth.scheme if r.auth is not None else None)
             if r.auth is not None:
                 auth = AuthCheck(r.name, r.auth, key_prefix=cfg.store.key_prefix)
             drop = r.auth.header.lower() if r.auth is not None and not r.auth.forward_credentials else None
@@ -101,10 +106,16 @@ class Runtime:
         self.degraded_header = cfg.headers.degraded
         self.retry_after = cfg.store.breaker.open_for
         self.max_body = cfg.limits.max_body
+        self.max_header_size = cfg.limits.max_header_size
+        # aiohttp names itself and Python's version in the Server header of every response unless told otherwise.
+        web_response.SERVER_SOFTWARE = cfg.headers.server
+        # Headers never passed on as the client sent them (Failgate sets its own), and, from a peer that
+        # trusted_proxies does not vouch for, the headers a client could use to lie about itself.
         self.strip = frozenset(
-            [cfg.headers.degraded.lower(), *_OWN, "host", "x-forwarded-proto", "x-forwarded-host",
-             "x-forwarded-for", cfg.headers.request_id.lower(), "expect"]
+            [cfg.headers.degraded.lower(), *_OWN, "host", "x-forwarded-host", "x-forwarded-for",
+             cfg.headers.request_id.lower(), "expect"]
         ) | HOP_BY_HOP
+        self.strip_untrusted = self.strip | SPOOFABLE
         self.own = frozenset([cfg.headers.degraded.lower(), *_OWN])
 
     async def close(self, keep: set[UpstreamClient] | None = None) -> None:
@@ -123,6 +134,9 @@ class Runtime:
         self.active -= 1
         if self.active == 0 and self._drained is not None:
             self._drained.set()
+
+    def is_trusted_peer(self, peer: str | None) -> bool:
+        return bool(self.trusted) and peer is not None and self._is_trusted(peer)
 
     def client_address(self, peer: str | None, xff: list[str]) -> str:
         """The rightmost address not in `trusted_proxies` (the peer itself when it is not trusted)."""
@@ -150,6 +164,18 @@ class Proxy:
     def __init__(self, runtime: Runtime, *, tls: bool) -> None:
         self.runtime = runtime
         self._proto = "https" if tls else "http"
+        self._port = 443 if tls else 80  # the default port, dropped from the request's host
+        self._malformed = MalformedLog()
+
+    def refuse(self, status: int, detail: str, route: str | None = None) -> web.Response:
+        """Failgate's answer to a request it will not serve before routing (unparsable, too large, wrong
+        version): counted under route "", logged in a once-a-second summary, never with a traceback."""
+        rt = self.runtime
+        self._malformed.record(status, detail)
+        if route is None:
+            _NO_ROUTE.count(status)
+        return error_response(status, detail, route=route, request_id=_next_request_id(),
+                              request_id_header=rt.request_id_header)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # One coroutine for the whole request (routing and header work are plain functions below): every await
@@ -166,7 +192,7 @@ class Proxy:
             if isinstance(routed, web.StreamResponse):
                 resp = routed
             else:
-                route, target = routed
+                route, target, authority = routed
                 reply: list[tuple[str, str]] = [(rid_header, rid)]
                 tag = identity = denied = None
                 # --- checks (pipeline.py: auth, then rate_limit; the first deny is the response) ---
@@ -179,9 +205,9 @@ class Proxy:
                 if denied is not None:
                     resp = denied
                 else:
-                    out = self._outgoing(request, rt, route, target, reply, tag, identity, rid)
-                    if request.headers.get("Expect", "").lower() == "100-continue":
-                        # The checks passed: now the client may send its body.
+                    out = self._outgoing(request, rt, route, target, authority, reply, tag, identity, rid)
+                    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+                        # The size and the checks passed: now the client may send its body (never to HTTP/1.0).
                         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     resp = await route.upstream.forward(request, out)
         except UpstreamFailed as exc:
@@ -222,21 +248,37 @@ class Proxy:
         metrics.count(status)
         metrics.duration.observe(time.perf_counter() - started)
 
-    @staticmethod
-    def _route(request: web.BaseRequest, rt: Runtime, rid: str) -> web.StreamResponse | tuple[Route, Target]:
-        """The route for this request, or the response that refuses it (400, 404, 405, 501)."""
+    def _route(self, request: web.BaseRequest, rt: Runtime,
+               rid: str) -> web.StreamResponse | tuple[Route, Target, Authority | None]:
+        """The route for this request, or the response that refuses it (400, 404, 405, 413, 431, 501, 505)."""
         method = request.method
-        rid_header = rt.request_id_header
+        version = request.version
+        if version is not HttpVersion11 and version not in _SERVED_VERSIONS:
+            # Answer in a version we speak (aiohttp writes the request's version in the status line).
+            request._message = request._message._replace(version=HttpVersion11)
+            request._version = HttpVersion11
+            request._cache["version"] = HttpVersion11
+            return self._refused(505, "only HTTP/1.0 and HTTP/1.1 are served", rid)
+        size = 0
+        for name, value in request.raw_headers:  # the parser bounds each field and their count, not their sum
+            size += len(name) + len(value) + 4
+        if size > rt.max_header_size:
+            return self._refused(431, f"the request headers are larger than {rt.max_header_size} bytes in all", rid)
         if method == "CONNECT":
-            return error_response(405, "CONNECT is not supported", route=None, request_id=rid,
-                                  request_id_header=rid_header)
+            return self._refused(405, "CONNECT is not supported", rid, close=False)
+        headers = request.headers
         try:
             target = parse_target(request.raw_path)
+            # One authority: an absolute-form target's wins over Host (which is then ignored and replaced).
+            raw_host = target.authority if target.authority is not None else headers.get("Host")
+            authority = None
+            if raw_host or target.authority is not None:
+                authority = authority_of(raw_host or "", target.port or self._port)
         except BadTarget as exc:
-            return error_response(400, str(exc), route=None, request_id=rid, request_id_header=rid_header)
-        headers = request.headers
-        host = host_of(target.authority or headers.get("Host"))
+            return self._refused(400, str(exc), rid, close=False)
+        host = authority.name if authority is not None else None
         route = rt.router.match(method, host, target.path)
+        rid_header = rt.request_id_header
         if route is None:
             allowed = rt.router.allowed(host, target.path)
             if allowed:
@@ -246,12 +288,30 @@ class Proxy:
                                   request_id_header=rid_header)
         assert isinstance(route, Route)
         request[ROUTE] = route
+        length = request.content_length
+        if length is not None and length > rt.max_body:  # before the checks, and before any 100 Continue
+            resp = error_response(413, f"the request body is larger than {rt.max_body} bytes", route=route.name,
+                                  request_id=rid, request_id_header=rid_header)
+            resp.force_close()
+            return resp
+        if route.auth is not None and len(headers.getall(route.auth.header, ())) > 1:
+            return error_response(400, f"more than one {route.auth.header} header", route=route.name,
+                                  request_id=rid, request_id_header=rid_header)
         if "Upgrade" in headers:
             resp = error_response(501, "protocol upgrades (WebSocket) are not supported yet", route=route.name,
                                   request_id=rid, request_id_header=rid_header)
             resp.force_close()
             return resp
-        return route, target
+        return route, target, authority
+
+    def _refused(self, status: int, detail: str, rid: str, *, close: bool = True) -> web.Response:
+        """A request refused before routing: counted under route "" by the handler, summarized in the log."""
+        self._malformed.record(status, detail)
+        resp = error_response(status, detail, route=None, request_id=rid,
+                              request_id_header=self.runtime.request_id_header)
+        if close:
+            resp.force_close()
+        return resp
 
     @staticmethod
     def _decided(decision: Decision, reply: list[tuple[str, str]], rt: Runtime, route: Route,
@@ -274,9 +334,12 @@ class Proxy:
                                    request_id_header=rt.request_id_header, code=deny.code, headers=extra)
 
     def _outgoing(self, request: web.BaseRequest, rt: Runtime, route: Route, target: Target,
-                  reply: list[tuple[str, str]], tag: str | None, identity: Identity | None, rid: str) -> Outgoing:
-        out_headers = upstream_headers(request, rt.strip, rt.own, route.upstream.host_header, route.preserve_host,
-                                       self._proto, rt.request_id_header, rid)
+                  authority: Authority | None, reply: list[tuple[str, str]], tag: str | None,
+                  identity: Identity | None, rid: str) -> Outgoing:
+        trusted = rt.is_trusted_peer(request.remote)
+        out_headers = upstream_headers(request, rt.strip if trusted else rt.strip_untrusted, rt.own, route.upstream,
+                                       authority.value if authority is not None else None, route.preserve_host,
+                                       self._proto, trusted, rt.request_id_header, rid)
         if tag is not None:
             out_headers[rt.degraded_header] = tag
         if identity is not None:
@@ -284,6 +347,8 @@ class Proxy:
             out_headers["X-Failgate-Scopes"] = ",".join(identity.scopes)
         if route.drop_credentials is not None:
             out_headers.popall(route.drop_credentials, None)
+        if route.upstream.authorization is not None:  # the upstream's own credentials, from its URL
+            out_headers["Authorization"] = route.upstream.authorization
         path = target.path
         if route.strip:
             path = path[route.strip:] or "/"

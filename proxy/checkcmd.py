@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .config import LoadedConfig, format_duration
 from .config.validate import redact_url, resolve_workers
-from .routing import compile_match
+from .routing import RouteMatch, compile_match
 
 
 def describe(loaded: LoadedConfig) -> str:
@@ -51,6 +53,10 @@ def describe(loaded: LoadedConfig) -> str:
     return "\n".join(lines)
 
 
+# The methods a client can send to any route; a route that lists some refuses the rest by falling through.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def warnings(loaded: LoadedConfig) -> list[str]:
     cfg = loaded.config
     out: list[str] = []
@@ -61,6 +67,7 @@ def warnings(loaded: LoadedConfig) -> list[str]:
                 out.append(f"routes[{j}] ({cfg.routes[j].name}) can never match: routes[{i}] "
                            f"({cfg.routes[i].name}) matches every request it would")
                 break
+    out.extend(_fall_through(cfg.routes, matches))
     for i, r in enumerate(cfg.routes):
         if r.auth is not None and r.auth.on_store_error == "open":
             out.append(f"routes[{i}].auth ({r.name}): on_store_error open lets every request through "
@@ -68,6 +75,34 @@ def warnings(loaded: LoadedConfig) -> list[str]:
         if r.auth is not None and r.auth.on_store_error == "stale" and r.auth.stale_fallback == "open":
             out.append(f"routes[{i}].auth ({r.name}): stale_fallback open lets credentials never seen before "
                        "through unauthenticated while the store cannot answer")
+    return out
+
+
+def _fall_through(routes: Any, matches: list[RouteMatch]) -> list[str]:
+    """A route that accepts only some methods does not refuse the others: they go on down the list. Warn when
+    the route they reach on the same path checks less (no auth, or no rate limit, where this one has it)."""
+    out: list[str] = []
+    for i, m in enumerate(matches):
+        if m.methods is None:
+            continue
+        escapes: dict[int, list[str]] = {}
+        for method in _METHODS:
+            if method in m.methods:
+                continue
+            for j in range(i + 1, len(matches)):
+                later = matches[j]
+                if ((later.host is None or later.host == m.host) and later.matches_path(m.path)
+                        and (later.methods is None or method in later.methods)):
+                    escapes.setdefault(j, []).append(method)
+                    break
+        for j, methods in escapes.items():
+            weaker = [kind for kind in ("auth", "rate_limit")
+                      if getattr(routes[i], kind) is not None and getattr(routes[j], kind) is None]
+            if weaker:
+                out.append(f"routes[{i}] ({routes[i].name}) accepts only {', '.join(sorted(m.methods))}: "
+                           f"{', '.join(methods)} {m.path} fall through to routes[{j}] ({routes[j].name}), "
+                           f"which has no {' and no '.join(weaker)}; list every method on routes[{i}] or add a route "
+                           "that refuses the others")
     return out
 
 

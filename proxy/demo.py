@@ -60,7 +60,7 @@ Try:
   curl -s localhost:9901/metrics | grep -E 'failgate_(requests|decisions)_total'
 
 Rehearse a store outage (the game-day switch):
-  curl -s -XPOST localhost:9901/chaos/store -d '{{"fault": "hang", "for": "60s"}}'
+  curl -s -XPOST localhost:9901/chaos/store -H 'Content-Type: application/json' -d '{{"fault": "hang", "for": "60s"}}'
   curl -si localhost:8080/public/x | grep -i failgate-degraded     # rate_limit;mode=open;reason=timeout,
                                                                    # then reason=breaker_open
   curl -si -H "Authorization: Bearer $KEY" localhost:8080/api/v1/x | grep -i degraded

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
+from aiohttp import BasicAuth, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -28,6 +28,10 @@ HOP_BY_HOP = frozenset(
     ["connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
      "trailer", "transfer-encoding", "upgrade"]
 )
+# Headers a client could use to lie to the upstream about itself (its address, scheme, the URL it asked for):
+# passed on only from a peer that trusted_proxies vouches for. Any other X-Forwarded-* header, and every `_`
+# spelling of all of these (some servers read `X_Forwarded_For` as `X-Forwarded-For`), likewise.
+SPOOFABLE = frozenset(["forwarded", "x-real-ip", "x-original-url", "x-rewrite-url", "x-forwarded-proto"])
 _CHUNK = 1 << 16
 _SMALL = 1 << 16  # response bodies up to this size are buffered and sent in one write
 _NO_LENGTH = frozenset(["content-length"])
@@ -73,8 +77,14 @@ class UpstreamClient:
         self.name = name
         self.cfg = cfg
         url = URL(cfg.url)
-        self.host_header = url.raw_authority  # what Host says unless preserve_host
-        self._origin = f"{url.scheme}://{url.raw_authority}"
+        # What Host says unless preserve_host: host[:port], never the userinfo. Userinfo in the URL becomes an
+        # `Authorization: Basic` header to this upstream instead (it replaces any the client sent).
+        host = url.raw_host or ""
+        if ":" in host:
+            host = f"[{host}]"
+        self.host_header = host if url.explicit_port is None else f"{host}:{url.explicit_port}"
+        self.authorization = BasicAuth(url.user or "", url.password or "").encode() if url.user is not None else None
+        self._origin = f"{url.scheme}://{self.host_header}"
         self._base_path = url.raw_path.rstrip("/")
         self._duration = FastHistogram(UPSTREAM_DURATION.labels(name))
         self._session: aiohttp.ClientSession | None = None
@@ -195,19 +205,22 @@ class UpstreamClient:
             await resp.prepare(request)
             content = upstream.content
             while True:
+                # idle_timeout bounds the pause either way: an upstream that stops sending, or a client that stops
+                # reading (its write would otherwise wait forever and hold the handler and the upstream).
                 async with asyncio.timeout(idle):
                     chunk = await content.readany()
+                    if chunk:
+                        await resp.write(chunk)
                 if not chunk:
                     break
-                await resp.write(chunk)
             await resp.write_eof()
         except ConnectionError:  # includes aiohttp.ClientConnectionResetError
             # The client went away: drop the upstream connection rather than reuse it mid-body.
             upstream.close()
             raise ClientGone(resp) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            # The upstream failed or went idle mid-body. The status is gone already: cut the client's stream so
-            # it sees a truncated response, not a complete one.
+            # The upstream failed or went idle mid-body, or the client stopped reading. The status is gone
+            # already: cut both sides, so the client sees a truncated response, not a complete one.
             log.info("stream from upstream %s cut: %r", self.name, exc)
             upstream.close()
             if request.transport is not None:
@@ -217,28 +230,35 @@ class UpstreamClient:
         return resp
 
 
-def upstream_headers(request: web.BaseRequest, strip: frozenset[str], own: frozenset[str], upstream_host: str,
-                     preserve_host: bool, proto: str, request_id_header: str, request_id: str) -> CIMultiDict[str]:
-    """The request headers to send upstream (SPEC §5, §7): hop-by-hop and `Connection`-named headers and any
-    client copy of Failgate's own headers removed; X-Forwarded-* and the request id set."""
+def upstream_headers(request: web.BaseRequest, strip: frozenset[str], own: frozenset[str], upstream: UpstreamClient,
+                     authority: str | None, preserve_host: bool, proto: str, trusted: bool, request_id_header: str,
+                     request_id: str) -> CIMultiDict[str]:
+    """The request headers to send upstream: hop-by-hop and `Connection`-named headers, any client copy of
+    Failgate's own headers (and their `_` spellings), and — unless the peer is trusted — the headers a client
+    could lie with removed; X-Forwarded-*, Host and the request id set. `authority` is the request's one host
+    (None when an HTTP/1.0 request had none): what Host says under preserve_host, and X-Forwarded-Host."""
     src = request.headers
     tokens = connection_tokens(src)
     drop = strip | tokens if tokens else strip
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in src.items():
         low = name.lower()
-        if low in drop or ("_" in low and low.replace("_", "-") in own):
+        if low in drop:
             continue
+        if "_" in low or low.startswith("x-forwarded-"):
+            dashed = low.replace("_", "-")
+            if dashed in own or (not trusted and (dashed in SPOOFABLE or dashed.startswith("x-forwarded-"))):
+                continue
         out.add(name, value)
     peer = request.remote
     xff = src.getall("X-Forwarded-For", [])
     out["X-Forwarded-For"] = ", ".join([*xff, peer]) if xff and peer else (peer or "")
-    out["X-Forwarded-Proto"] = proto
-    client_host = src.get("Host")
-    if client_host is not None:
-        out["X-Forwarded-Host"] = client_host
+    if not trusted or "X-Forwarded-Proto" not in out:
+        out["X-Forwarded-Proto"] = proto
+    if authority is not None:
+        out["X-Forwarded-Host"] = authority
     out[request_id_header] = request_id
-    out["Host"] = (client_host or upstream_host) if preserve_host else upstream_host
+    out["Host"] = (authority or upstream.host_header) if preserve_host else upstream.host_header
     return out
 
 

@@ -9,8 +9,8 @@ from aiohttp import web
 
 _REASONS = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    413: "payload_too_large", 429: "rate_limited", 501: "not_implemented", 502: "upstream_unavailable",
-    504: "upstream_timeout",
+    413: "payload_too_large", 414: "uri_too_long", 429: "rate_limited", 431: "request_header_fields_too_large",
+    501: "not_implemented", 502: "upstream_unavailable", 504: "upstream_timeout", 505: "http_version_not_supported",
 }
 
 

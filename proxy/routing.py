@@ -9,6 +9,7 @@ path plus the original query string.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,13 +30,16 @@ class Target:
     path: str  # normalized
     query: str  # raw, without "?"; "" when absent
     authority: str | None  # from an absolute-form target
+    port: int = 0  # the default port of an absolute-form target's scheme (80 or 443)
 
 
 def parse_target(raw: str) -> Target:
     authority = None
+    port = 0
     if raw[:1] != "/":
         lower = raw[:8].lower()
         if lower.startswith("http://") or lower.startswith("https://"):
+            port = 443 if lower.startswith("https") else 80
             rest = raw[raw.index("//") + 2 :]
             cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
             authority, raw = rest[:cut], rest[cut:]
@@ -46,7 +50,7 @@ def parse_target(raw: str) -> Target:
     path, _, query = raw.partition("?")
     if "#" in raw:
         raise BadTarget("a fragment (#) is not allowed in a request target")
-    return Target(normalize_path(path), query, authority)
+    return Target(normalize_path(path), query, authority, port)
 
 
 def normalize_path(path: str) -> str:
@@ -119,15 +123,60 @@ def _resolve_dots(path: str) -> str:
     return "/" + "/".join(out)
 
 
+@dataclass(frozen=True, slots=True)
+class Authority:
+    """The one host of a request: `name` is what routes match (lower case, no trailing dot, no port); `value` is
+    what the upstream and X-Forwarded-Host are told (the name plus a port that is not the default one)."""
+
+    name: str
+    value: str
+
+
+_HOST = re.compile(r"(?:([a-z0-9_-]+(?:\.[a-z0-9_-]+)*)\.?|\[([0-9a-f:.]+)\])(?::([0-9]{1,5}))?")
+_AUTHORITIES: dict[tuple[str, int], Authority] = {}  # clients repeat their Host: parsed once
+
+
+def authority_of(raw: str, default_port: int) -> Authority:
+    """`Example.COM.:80` -> Authority("example.com", "example.com"); raises BadTarget for userinfo or anything
+    that is not host[:port] (letters, digits, `-`, `_` and `.` in names; IPv6 in brackets)."""
+    cached = _AUTHORITIES.get((raw, default_port))
+    if cached is not None:
+        return cached
+    if "@" in raw:
+        raise BadTarget("userinfo (user:password@) is not allowed in the host")
+    m = _HOST.fullmatch(raw.lower())
+    if m is None:
+        raise BadTarget("the host is not a valid host[:port]")
+    name, ipv6, port = m.group(1), m.group(2), m.group(3)
+    if ipv6 is not None:
+        try:
+            ipaddress.IPv6Address(ipv6)
+        except ValueError:
+            raise BadTarget("the host is not a valid IPv6 address in brackets") from None
+        name = f"[{ipv6}]"
+    value = name
+    if port is not None:
+        number = int(port)
+        if not 0 < number <= 65535:
+            raise BadTarget("the port in the host is not 1-65535")
+        if number != default_port:
+            value = f"{name}:{number}"
+    found = Authority(name, value)
+    if len(_AUTHORITIES) >= 4096:
+        _AUTHORITIES.clear()
+    _AUTHORITIES[(raw, default_port)] = found
+    return found
+
+
 def host_of(value: str | None) -> str | None:
-    """`Example.COM:8080` -> `example.com`; `[::1]:80` -> `[::1]`."""
+    """A route's `match.host` as requests are matched: `Example.COM.:8080` -> `example.com`."""
     if not value:
         return None
     value = value.strip().lower()
     if value.startswith("["):
         end = value.find("]")
         return value[: end + 1] if end > 0 else value
-    return value.split(":", 1)[0]
+    return value.split(":", 1)[0].removesuffix(".")
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,9 +60,11 @@ class Serving:
 
             JsonAccessLogger.writer = self.writer
             kwargs = {"access_log": access_logger(), "access_log_class": JsonAccessLogger}
-        server = self._server = ProxyServer(self.proxy.handle, header_timeout=cfg.limits.header_timeout,
-                                           max_connections=cfg.limits.max_connections, keepalive_timeout=75.0,
-                                           **kwargs)
+        lim = cfg.limits
+        server = self._server = ProxyServer(self.proxy.handle, header_timeout=lim.header_timeout,
+                                           max_connections=lim.max_connections, keepalive_timeout=75.0,
+                                           max_target=lim.max_target, max_headers=lim.max_headers,
+                                           max_header_size=lim.max_header_size, refuse=self.proxy.refuse, **kwargs)
         self._runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_grace)
         await self._runner.setup()
         ssl_context = None

@@ -272,3 +272,59 @@ async def drain_body(it: AsyncIterator[bytes]) -> int:
     async for chunk in it:
         n += len(chunk)
     return n
+
+
+# --- an upstream that records requests exactly as they arrived on the wire ------------------------------------
+
+@dataclass
+class RawUpstream:
+    """A bare asyncio server: keeps every request head as the bytes that reached it (no HTTP library between
+    them and the test to normalize anything) and answers 200 `ok`."""
+
+    port: int = 0
+    heads: list[bytes] = field(default_factory=list)
+    server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> RawUpstream:
+        self.port = free_port()
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    def header(self, name: str, index: int = -1) -> list[str]:
+        """Every value of one header in a recorded request, as sent (latin-1)."""
+        lines = self.heads[index].decode("latin-1").split("\r\n")[1:]
+        return [v.strip() for k, _, v in (line.partition(":") for line in lines if line)
+                if k.lower() == name.lower()]
+
+    def names(self, index: int = -1) -> list[str]:
+        lines = self.heads[index].decode("latin-1").split("\r\n")[1:]
+        return [line.partition(":")[0] for line in lines if line]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                text = head.decode("latin-1").lower()
+                if "transfer-encoding: chunked" in text:
+                    while (size := int((await reader.readline()).strip() or b"0", 16)) != 0:
+                        await reader.readexactly(size + 2)
+                    await reader.readline()
+                elif "content-length:" in text:
+                    length = int(text.split("content-length:", 1)[1].split("\r\n", 1)[0])
+                    await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()

@@ -31,6 +31,31 @@ def digest_of(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def parse_credential(value: str | None, scheme: str | None) -> str | None:
+    """The credential in a header value, as auth reads it and as a rate limit keyed by that header counts it:
+    with a scheme, the token after it (the scheme matched case-insensitively, any whitespace around it ignored —
+    `bearer K`, `BEARER  K` and `Bearer K` are one credential); without, the value stripped. None when absent or
+    when the value does not use the scheme."""
+    if not value:
+        return None
+    if scheme is None:
+        return value.strip() or None
+    parts = value.split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != scheme:
+        return None
+    return parts[1].strip() or None
+
+
+def credential_subject(value: str, scheme: str | None) -> str:
+    """What a rate limit keyed by a credential header counts: the credential as auth reads it; a value in
+    another scheme as `<scheme lower-cased> <token>` (so spelling cannot make a fresh bucket either)."""
+    credential = parse_credential(value, scheme) if scheme is not None else None
+    if credential is not None:
+        return credential
+    parts = value.split(None, 1)
+    return parts[0].lower() + " " + parts[1].strip() if len(parts) == 2 else value.strip()
+
+
 def parse_record(raw: bytes) -> Record:
     try:
         return _decode_record(raw)
@@ -46,7 +71,7 @@ class AuthCheck:
         self.route = route
         self.cfg = cfg
         self.header = cfg.header
-        self.scheme = cfg.scheme.lower() + " " if cfg.scheme else None
+        self.scheme = cfg.scheme.lower() if cfg.scheme else None
         self.scopes = frozenset(cfg.scopes)
         self.key_prefix = key_prefix + "apikey:"
         self.epoch_key = key_prefix + "epoch"
@@ -54,14 +79,7 @@ class AuthCheck:
         self.challenge = [("WWW-Authenticate", f'{cfg.scheme} realm="failgate"')] if cfg.scheme else []
 
     def credential(self, headers: object) -> str | None:
-        value: str | None = headers.get(self.header)  # type: ignore[attr-defined]
-        if not value:
-            return None
-        if self.scheme is not None:
-            if value[: len(self.scheme)].lower() != self.scheme:
-                return None
-            value = value[len(self.scheme):].strip()
-        return value or None
+        return parse_credential(headers.get(self.header), self.scheme)  # type: ignore[attr-defined]
 
     def ops(self, digest: str) -> list[GetOp]:
         return [GetOp(self.key_prefix + digest), self._epoch_op]

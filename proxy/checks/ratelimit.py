@@ -15,6 +15,7 @@ import math
 from ..config.schema import RateLimit
 from ..decision import Verdict
 from ..store.ops import RateOp, RateResult
+from .auth import credential_subject
 
 
 def subject_hash(value: str) -> str:
@@ -49,7 +50,8 @@ def client_subject(address: str) -> str:
 class RateLimitCheck:
     name = "rate_limit"
 
-    def __init__(self, route: str, cfg: RateLimit, *, key_prefix: str, workers: int) -> None:
+    def __init__(self, route: str, cfg: RateLimit, *, key_prefix: str, workers: int,
+                 auth_header: str | None = None, auth_scheme: str | None = None) -> None:
         self.route = route
         self.cfg = cfg
         self.algorithm = cfg.algorithm
@@ -57,6 +59,14 @@ class RateLimitCheck:
         self.window = round(cfg.per * 1_000_000)
         self.burst = cfg.burst or cfg.limit
         self.key_kind, _, self.header = cfg.key.partition(":")
+        # A credential header is counted as auth reads it, never by its raw bytes: `bearer K` and `Bearer  K`
+        # must not be two buckets. The route's auth header uses the route's scheme.
+        low = self.header.lower()
+        self._credential: tuple[str | None] | None = None  # (the scheme auth expects,) for a credential header
+        if auth_header is not None and low == auth_header.lower():
+            self._credential = (auth_scheme.lower() if auth_scheme else None,)
+        elif low in ("authorization", "proxy-authorization"):
+            self._credential = (None,)
         self.local_share = cfg.local_share if cfg.local_share is not None else 1.0 / workers
         self._key_head = f"{key_prefix}rl:{{{route}:"
         self._key_tail = f"}}:{cfg.algorithm}:{round(cfg.per * 1000)}"
@@ -75,7 +85,12 @@ class RateLimitCheck:
             subject = client_key(client)
         elif self.key_kind == "header":
             value = headers.get(self.header)  # type: ignore[attr-defined]
-            subject = "anonymous" if value is None else "h:" + subject_hash(value)
+            if value is None:
+                subject = "anonymous"
+            else:
+                if self._credential is not None:
+                    value = credential_subject(value, self._credential[0])
+                subject = "h:" + subject_hash(value)
         else:  # principal; unknown (auth decided degraded) falls back to the client address
             subject = "p:" + subject_hash(principal) if principal else client_key(client)
         return self._key_head + subject + self._key_tail

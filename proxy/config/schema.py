@@ -108,12 +108,16 @@ class Store(_Strict, kw_only=True, frozen=True):
 class Headers(_Strict, kw_only=True, frozen=True):
     degraded: str = "Failgate-Degraded"
     request_id: str = "X-Request-Id"
+    server: str = "failgate"  # the Server header of Failgate's own responses; "" sends none
 
 
 class Limits(_Strict, kw_only=True, frozen=True):
     max_body: ByteSize = ByteSize(10 << 20)
     header_timeout: Duration = Duration(10.0)
     max_connections: Positive = 10000
+    max_target: ByteSize = ByteSize(8 << 10)  # request target; longer: 414
+    max_headers: Positive = 100  # header fields; more: 431
+    max_header_size: ByteSize = ByteSize(32 << 10)  # all header fields together; more: 431
 
 
 class Upstream(_Strict, kw_only=True, frozen=True):

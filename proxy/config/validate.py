@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .load import LoadedConfig
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token: header names, methods, schemes
+_SERVER = re.compile(r"^[!-~][ -~]{0,63}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 _FAIL_MODES = (
@@ -77,6 +78,16 @@ def validate(loaded: LoadedConfig) -> None:
         name = getattr(cfg.headers, key)
         if not _TOKEN.match(name):
             raise fail(f"headers.{key}", f"expected an HTTP header name, got {name!r}")
+    if cfg.headers.server and not _SERVER.match(cfg.headers.server):
+        raise fail("headers.server", f"expected a product name such as failgate (visible ASCII, at most 64 "
+                   f"characters), or \"\" to send no Server header; got {cfg.headers.server!r}")
+    lim = cfg.limits
+    if not 256 <= lim.max_target <= 1 << 20:
+        raise fail("limits.max_target", f"expected a size from 256 to 1MiB, got {int(lim.max_target)}")
+    if not 1024 <= lim.max_header_size <= 1 << 20:
+        raise fail("limits.max_header_size", f"expected a size from 1KiB to 1MiB, got {int(lim.max_header_size)}")
+    if lim.max_headers > 1000:
+        raise fail("limits.max_headers", f"expected at most 1000, got {lim.max_headers}")
 
     # --- upstreams -------------------------------------------------------------------------------------------
     if not cfg.upstreams:
@@ -186,8 +197,10 @@ def _validate_rate_limit(route, rp, fail) -> None:  # type: ignore[no-untyped-de
 
 
 _PASSWORD_IN_URL = re.compile(r"(//[^:/@]*:)[^@/]*@")
+_PASSWORD_PARAM = re.compile(r"([?&][a-z_]*password=)[^&#]*", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
-    """`redis://:secret@host` -> `redis://:***@host`: for messages, /config and `failgate check`."""
-    return _PASSWORD_IN_URL.sub(r"\1***@", url)
+    """`redis://:secret@host/0?password=x` -> `redis://:***@host/0?password=***`: the userinfo password and every
+    `…password=` query parameter, for messages, /config, logs and `failgate check`."""
+    return _PASSWORD_PARAM.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", url))

@@ -24,7 +24,7 @@ def test_check_accepts_the_example_config_and_explains_it() -> None:
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert out.startswith("config/failgate.yaml: OK (sha256 ")
-    assert "[1] payments: GET,POST /payments and below -> payments http://127.0.0.1:8100 (prefix stripped)" in out
+    assert "[1] payments: any method /payments and below -> payments http://127.0.0.1:8100 (prefix stripped)" in out
     assert "on_store_error stale (declared), stale_for 5m, then closed" in out
     assert "rate_limit: 100 per 1m (sliding_window) by client_ip; on_store_error open (inherited from defaults)" in out
     assert "auth: api_key in X-Api-Key scopes admin; on_store_error closed (inherited from defaults), status 503" in out

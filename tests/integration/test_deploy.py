@@ -121,7 +121,7 @@ async def test_the_image_install_and_start_commands_run(tmp_path: Path) -> None:
                     pass
                 await asyncio.sleep(0.1)
             assert status == 200
-            async with s.post(f"http://127.0.0.1:{admin}/reload") as r:
+            async with s.post(f"http://127.0.0.1:{admin}/reload", json={}) as r:
                 assert r.status == 401  # admin on 0.0.0.0: the token is required
         health = re.search(r'CMD \["python", "-c", "(.*)"\]', (ROOT / "Dockerfile").read_text())
         assert health is not None

@@ -86,6 +86,8 @@ async def test_admin_endpoints(upstream: Upstream, tmp_path: Path, monkeypatch) 
                 body = await r.json()
                 assert r.status == 200 and body["ready"] is True and body["draining"] is False
             async with s.get(p.admin + "/config") as r:
+                assert r.status == 401  # a token is set: the running config is behind it too
+            async with s.get(p.admin + "/config", headers={"Authorization": "Bearer hunter2-token"}) as r:
                 body = await r.json()
                 raw = await r.text()
                 assert body["sha256"] == hashlib.sha256(cfg.read_bytes()).hexdigest()

@@ -35,7 +35,8 @@ class Setup:
 
 
 async def admin(p: ProxyProcess, method: str, path: str) -> tuple[int, dict]:  # type: ignore[type-arg]
-    async with aiohttp.ClientSession() as s, s.request(method, p.admin + path) as r:
+    body = {} if method == "POST" else None
+    async with aiohttp.ClientSession() as s, s.request(method, p.admin + path, json=body) as r:
         return r.status, await r.json()
 
 

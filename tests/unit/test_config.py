@@ -244,3 +244,18 @@ def test_the_shipped_configs_are_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     for name in ("config/failgate.yaml", "config/demo.yaml"):
         load_file(str(root / name))
+
+
+def test_passwords_in_urls_are_redacted_wherever_they_are_shown() -> None:
+    from proxy.admin import redacted
+    from proxy.config import load_text
+
+    text = """version: 1
+store: {url: "redis://:userinfo-secret@127.0.0.1:6379/0?password=query-secret&db=0"}
+upstreams: {api: {url: "http://user:upstream-secret@127.0.0.1:9"}}
+routes: [{name: r, match: {path: /}, upstream: api}]
+"""
+    doc = str(redacted(load_text(text, "t.yaml")))
+    for secret in ("userinfo-secret", "query-secret", "upstream-secret"):
+        assert secret not in doc
+    assert "password=***" in doc and ":***@127.0.0.1:6379" in doc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.routing import BadTarget, Router, compile_match, host_of, parse_target
+from proxy.routing import Authority, BadTarget, Router, authority_of, compile_match, host_of, parse_target
 
 
 @pytest.mark.parametrize(
@@ -153,3 +153,21 @@ def test_first_match_wins_and_allowed_methods() -> None:
 )
 def test_covers(first: tuple, later: tuple, shadowed: bool) -> None:  # type: ignore[type-arg]
     assert compile_match(*first).covers(compile_match(*later)) is shadowed
+
+
+@pytest.mark.parametrize(
+    ("raw", "default_port", "name", "value"),
+    [("Example.COM", 80, "example.com", "example.com"), ("example.com.:80", 80, "example.com", "example.com"),
+     ("example.com:8080", 80, "example.com", "example.com:8080"),
+     ("example.com:443", 443, "example.com", "example.com"), ("[::1]:80", 80, "[::1]", "[::1]"),
+     ("[::1]:8443", 80, "[::1]", "[::1]:8443"), ("compose_svc", 80, "compose_svc", "compose_svc")],
+)
+def test_one_authority(raw: str, default_port: int, name: str, value: str) -> None:
+    assert authority_of(raw, default_port) == Authority(name, value)
+
+
+@pytest.mark.parametrize("raw", ["x:y@example.com", "example.com@evil", "a b", "", "[zz]", "[::1", "h:0", "h:99999",
+                                 "h:x", "ex/ample", "ex%61mple"])
+def test_authority_refused(raw: str) -> None:
+    with pytest.raises(BadTarget):
+        authority_of(raw, 80)
