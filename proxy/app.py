@@ -36,7 +36,7 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
 # Failgate's own identity headers: a client must never be able to send them upstream (SPEC §5).
 # Always stripped from what clients send, whatever `headers.degraded` renames the tag to: an upstream that once
 # read the default name must not be fooled by a client copy of it after a rename.
-_OWN = ("failgate-degraded", "x-failgate-principal", "x-failgate-scopes")
+_OWN = ("failgate-degraded", "x-failgate-principal", "x-failgate-scopes", "x-failgate-plan")
 _NO_ROUTE = RouteMetrics("")
 _SERVED_VERSIONS = (HttpVersion10, HttpVersion11)
 # Request ids: a random per-process prefix and a counter — unique, and no system call per request.
