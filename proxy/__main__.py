@@ -61,8 +61,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {loaded.source}: workers: memory:// keeps state inside one process and needs 1 worker "
               f"(--workers {workers} given)", file=sys.stderr)
         return 1
+    from .statefiles import StateDir
+
     try:
-        run(state, workers)
+        state_dir = StateDir.default(args.state_dir, args.last_good)
+    except OSError as exc:
+        print(f"error: --state-dir: cannot use {args.state_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        run(state, workers, state_dir)
     except OSError as exc:
         print(f"error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -107,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="override `workers` from the config")
     p.add_argument("--last-good", default=None, metavar="PATH",
                    help="keep a copy of every accepted config here; start from it when the file is invalid")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="keep remembered API-key answers and admin revocations here, so a restart during a store "
+                        "outage still serves stale (default: the directory of --last-good; none without either)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_run)
 

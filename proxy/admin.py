@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .checks.auth import digest_of
 from .config import LoadedConfig, format_duration
 from .config.schema import ByteSize, Duration
 from .config.validate import redact_url
@@ -25,11 +26,13 @@ class Status(Protocol):
     config: ConfigState
 
     def ready(self) -> tuple[bool, dict[str, Any]]: ...
+    async def revoke(self, digest: str) -> dict[str, Any]: ...
     async def control(self, cmd: dict[str, Any]) -> dict[str, Any]: ...
     async def reload(self) -> dict[str, Any]: ...
 
 
 _json = msgspec.json.Encoder().encode
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def redacted(loaded: LoadedConfig) -> dict[str, Any]:
@@ -143,6 +146,15 @@ def build_admin(status: Status, token: str | None, *, chaos: bool = False) -> we
         await status.control({"op": "chaos_clear"})
         return web.json_response({"fault": None})
 
+    async def keys_revoke(request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        key, digest = (body or {}).get("key"), (body or {}).get("hash")
+        if isinstance(key, str) and key and digest is None:
+            digest = digest_of(key)
+        if not isinstance(digest, str) or not _HEX64.match(digest):
+            return _bad('expected {"key": "<the API key>"} or {"hash": "<its 64-hex SHA-256>"}')
+        return web.json_response(await status.revoke(digest))
+
     async def test_stall(request: web.Request) -> web.Response:
         body = await _json_object(request)
         if body is None:
@@ -165,4 +177,5 @@ def build_admin(status: Status, token: str | None, *, chaos: bool = False) -> we
     app.router.add_get("/config", config)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/reload", reload)
+    app.router.add_post("/keys/revoke", keys_revoke)
     return app

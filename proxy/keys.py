@@ -3,7 +3,6 @@ the key itself is printed once, at `add`, and never again."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
 import time
@@ -14,13 +13,16 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .checks.auth import digest_of
 from .checks.memo import Record
 from .config import LoadedConfig
 from .config.schema import parse_duration
 from .config.validate import redact_url
+from .revocations import revoke_commands
 
 _encode = msgspec.json.Encoder().encode
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX_PREFIX = re.compile(r"^[0-9a-f]{6,63}$")
 
 
 class KeysError(Exception):
@@ -61,7 +63,7 @@ def add(loaded: LoadedConfig, principal: str, scopes: list[str], expires: str | 
         except ValueError as exc:
             raise KeysError(f"--expires: {exc}") from None
     key = new_key()
-    digest = hashlib.sha256(key.encode()).hexdigest()
+    digest = digest_of(key)
     prefix = loaded.config.store.key_prefix
     record = Record(principal=principal, scopes=scopes, expires_at=expires_at)
 
@@ -76,12 +78,34 @@ def add(loaded: LoadedConfig, principal: str, scopes: list[str], expires: str | 
 
 
 def revoke(loaded: LoadedConfig, key_or_hash: str) -> str:
-    digest = key_or_hash if _HEX64.match(key_or_hash) else hashlib.sha256(key_or_hash.encode()).hexdigest()
+    """Revoke by the key itself, its 64-hex hash, or a unique prefix of the hash (as `keys list` shows it): the
+    record is deleted, and the hash logged and published so every Failgate process refuses it — also during a
+    later store outage, from its memory."""
     prefix = loaded.config.store.key_prefix
-    deleted = _run(loaded, lambda c: c.delete(prefix + "apikey:" + digest))
-    if not deleted:
-        raise KeysError(f"no key with hash {digest[:12]}… in the store")
-    return digest
+
+    def write(client: redis.Redis) -> str:
+        digest = _resolve(client, prefix, key_or_hash)
+        if not client.exists(prefix + "apikey:" + digest):
+            raise KeysError(f"no key with hash {digest[:12]}… in the store")
+        pipe = client.pipeline(transaction=True)
+        revoke_commands(pipe, prefix, digest, time.time())
+        pipe.execute()
+        return digest
+
+    return str(_run(loaded, write))
+
+
+def _resolve(client: redis.Redis, prefix: str, value: str) -> str:
+    if _HEX64.match(value):
+        return value
+    if _HEX_PREFIX.match(value):
+        matches = [name.decode()[len(prefix) + len("apikey:"):]
+                   for name in client.scan_iter(match=f"{prefix}apikey:{value}*", count=1000)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise KeysError(f"hash prefix {value} is ambiguous: {len(matches)} keys start with it; give more of it")
+    return digest_of(value)  # the key itself
 
 
 def list_keys(loaded: LoadedConfig) -> list[tuple[str, Record | None]]:

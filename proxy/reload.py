@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .config import ConfigError, LoadedConfig, load_file
+from .statefiles import write_private
 
 log = logging.getLogger("failgate.reload")
 
@@ -79,16 +79,8 @@ class ConfigState:
     def _save(self, loaded: LoadedConfig) -> None:
         if self.last_good is None:
             return
-        directory = os.path.dirname(os.path.abspath(self.last_good))
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".failgate-last-good-", dir=directory)
-            try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, loaded.text.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.last_good)
+            write_private(self.last_good, loaded.text.encode())
         except OSError as exc:
             log.error("could not write the last-good copy %s: %s", self.last_good, exc)
 

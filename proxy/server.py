@@ -27,7 +27,9 @@ from aiohttp import web
 from .config import ConfigError, LoadedConfig, load_text
 from .config.validate import resolve_workers
 from .reload import ConfigCollector, ConfigState, watch_file
+from .revocations import RevocationDesk
 from .serving import Serving
+from .statefiles import StateDir
 
 log = logging.getLogger("failgate.server")
 
@@ -44,12 +46,19 @@ def _install_stop_signals(stop: asyncio.Event, signals: tuple[int, ...]) -> None
 # --- one process ----------------------------------------------------------------------------------------------
 
 class SingleProcess:
-    def __init__(self, state: ConfigState) -> None:
+    def __init__(self, state: ConfigState, state_dir: StateDir | None = None) -> None:
         assert state.current is not None
         self.config = state
-        self.serving = Serving(state.current, reuse_port=False)
+        self.serving = Serving(state.current, reuse_port=False, state=state_dir)
         self.draining = False
         self._lock = asyncio.Lock()
+        self.desk = _desk(state.current.config.store, state_dir, self._apply_revocation)
+
+    async def _apply_revocation(self, digest: str, at: float) -> None:
+        self.serving.control({"op": "revoke", "hash": digest, "at": at})
+
+    async def revoke(self, digest: str) -> dict[str, Any]:
+        return await self.desk.revoke(digest)
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         listening = self.serving.listening
@@ -66,6 +75,10 @@ class SingleProcess:
             if loaded is not None:
                 await self.serving.reload(loaded)
             return _reload_result(self.config, loaded)
+
+
+def _desk(store: Any, state_dir: StateDir | None, broadcast: Any) -> RevocationDesk:
+    return RevocationDesk(store.url, store.key_prefix, store.connect_timeout, state_dir, broadcast)
 
 
 def _reload_result(state: ConfigState, loaded: LoadedConfig | None) -> dict[str, Any]:
@@ -127,13 +140,14 @@ async def _until_stopped(owner: Any, cfg: Any, stop: asyncio.Event) -> None:
             await task
 
 
-async def run_single(state: ConfigState, on_started: Any = None) -> None:
+async def run_single(state: ConfigState, on_started: Any = None, state_dir: StateDir | None = None) -> None:
     assert state.current is not None
     cfg = state.current.config
     stop = _stop_event()
-    owner = SingleProcess(state)
+    owner = SingleProcess(state, state_dir)
     admin = await _serve_admin(owner, cfg)
     await owner.serving.start()
+    owner.desk.start()
     settle_gc()
     if on_started is not None:
         on_started(owner.serving)
@@ -142,6 +156,7 @@ async def run_single(state: ConfigState, on_started: Any = None) -> None:
     await _until_stopped(owner, cfg, stop)
     owner.draining = True
     log.info("draining (up to %ss)", cfg.shutdown_grace)
+    await owner.desk.stop()
     await owner.serving.stop()
     await admin.cleanup()
 
@@ -165,7 +180,9 @@ async def worker_main() -> None:
         return
     msg = _decode(first)
     loaded = load_text(msg["text"], msg["source"])
-    serving = Serving(loaded, reuse_port=True, workers=int(msg.get("workers", 1)))
+    state_dir = StateDir(msg["state_dir"]) if msg.get("state_dir") else None
+    serving = Serving(loaded, reuse_port=True, workers=int(msg.get("workers", 1)), state=state_dir,
+                      index=int(msg.get("index", 0)))
     await serving.start()
     assert serving.breaker is not None
     from .observe.metrics import BREAKER_STATE
@@ -221,9 +238,11 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, state: ConfigState, count: int) -> None:
+    def __init__(self, state: ConfigState, count: int, state_dir: StateDir | None = None) -> None:
         assert state.current is not None
         self.config = state
+        self.state_dir = state_dir
+        self.desk = _desk(state.current.config.store, state_dir, self._apply_revocation)
         self.loaded = state.current
         self._lock = asyncio.Lock()
         self.workers = [Worker(i) for i in range(count)]
@@ -265,6 +284,12 @@ class Supervisor:
         self.broadcast(cmd)
         return {"ok": True}
 
+    async def _apply_revocation(self, digest: str, at: float) -> None:
+        self.broadcast({"op": "revoke", "hash": digest, "at": at})
+
+    async def revoke(self, digest: str) -> dict[str, Any]:
+        return await self.desk.revoke(digest)
+
     def broadcast(self, cmd: dict[str, Any]) -> None:
         line = _encode(cmd) + b"\n"
         for w in self.workers:
@@ -289,7 +314,8 @@ class Supervisor:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )
         assert w.proc.stdin is not None
-        start = {"op": "start", "source": self.loaded.source, "text": self.loaded.text, "workers": len(self.workers)}
+        start = {"op": "start", "source": self.loaded.source, "text": self.loaded.text, "workers": len(self.workers),
+                 "index": w.index, "state_dir": self.state_dir.path if self.state_dir is not None else None}
         w.proc.stdin.write(_encode(start) + b"\n")
         if self.chaos is not None and self._chaos is not None:
             cmd, until = self._chaos
@@ -353,24 +379,26 @@ def prepare_multiprocess_metrics() -> str:
     return path
 
 
-async def run_supervisor(state: ConfigState, count: int) -> None:
+async def run_supervisor(state: ConfigState, count: int, state_dir: StateDir | None = None) -> None:
     assert state.current is not None
     loaded = state.current
     cfg = loaded.config
     stop = _stop_event()
-    sup = Supervisor(state, count)
+    sup = Supervisor(state, count, state_dir)
     for w in sup.workers:
         await sup.spawn(w)
     admin = await _serve_admin(sup, cfg)
+    sup.desk.start()
     log.info("failgate supervising %d workers on %s:%d (admin %s:%d), config %s sha256 %s", count,
              cfg.listen.host, cfg.listen.port, cfg.admin.host, cfg.admin.port, loaded.source, loaded.sha256[:12])
     await _until_stopped(sup, cfg, stop)
     log.info("draining %d workers (up to %ss)", count, cfg.shutdown_grace)
+    await sup.desk.stop()
     await sup.stop(cfg.shutdown_grace)
     await admin.cleanup()
 
 
-def run(state: ConfigState, workers_override: int | None = None) -> None:
+def run(state: ConfigState, workers_override: int | None = None, state_dir: StateDir | None = None) -> None:
     import uvloop
 
     assert state.current is not None
@@ -379,11 +407,11 @@ def run(state: ConfigState, workers_override: int | None = None) -> None:
 
     register_owned(ConfigCollector(state))
     if count == 1:
-        uvloop.run(run_single(state))
+        uvloop.run(run_single(state, state_dir=state_dir))
         return
     metrics_dir = prepare_multiprocess_metrics()
     try:
-        uvloop.run(run_supervisor(state, count))
+        uvloop.run(run_supervisor(state, count, state_dir))
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 

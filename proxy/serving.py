@@ -7,14 +7,20 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from typing import IO, TYPE_CHECKING, Any
 
+import msgspec
 from aiohttp import web
 
+from .checks.memo import REVOKED, KeyMemory, Record
 from .config import LoadedConfig
 from .observe.decisionlog import DecisionLog, LogWriter
 from .observe.lag import LagSampler
 from .observe.metrics import BREAKER_STATE
+from .revocations import RevocationFeed
+from .revocations import count as count_revocation
+from .statefiles import KeysFile, StateDir
 from .store import open_store
 from .store.breaker import NAMES, Breaker, BreakerStore
 from .store.chaos import ChaosStore, parse_fault
@@ -27,9 +33,13 @@ log = logging.getLogger("failgate.serving")
 
 class Serving:
     def __init__(self, loaded: LoadedConfig, *, reuse_port: bool, workers: int = 1,
-                 log_stream: IO[str] | None = None) -> None:
+                 log_stream: IO[str] | None = None, state: StateDir | None = None, index: int = 0) -> None:
         self.loaded = loaded
         self.workers = workers
+        self.state_dir = state
+        self.index = index  # this serving process's number among the workers: its file in the state directory
+        self.feed: RevocationFeed | None = None
+        self._saved_changes = -1
         self._reuse_port = reuse_port
         self._runner: web.ServerRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -52,7 +62,10 @@ class Serving:
         cfg = self.loaded.config
         stack = self._store_stack(cfg.store)
         decisions = DecisionLog(self.writer, self.loaded.sha256)
-        self.runtime = Runtime(self.loaded, stack, workers=self.workers, decisions=decisions)
+        keys = KeyMemory()
+        self._restore(keys)
+        self.runtime = Runtime(self.loaded, stack, workers=self.workers, decisions=decisions, keys=keys)
+        self._start_feed(cfg.store)
         self.proxy = Proxy(self.runtime, tls=cfg.listen.tls is not None)
         kwargs: dict[str, Any] = {"access_log": None}
         if cfg.access_log:
@@ -88,6 +101,54 @@ class Serving:
         self.stack = BreakerStore(self.chaos, self.breaker, raw=self.store)
         return self.stack
 
+    def _restore(self, keys: KeyMemory) -> None:
+        """What the state directory remembers: API-key answers (so a restart during an outage still serves
+        `stale`) and pinned revocations."""
+        if self.state_dir is None:
+            return
+        restored = 0
+        for saved in self.state_dir.load_keys():
+            for digest, record, at in saved.entries:
+                keys.restore(digest, REVOKED if record is None else msgspec.convert(record, Record), at)
+                restored += 1
+            for digest, at in saved.revoked:
+                if keys.revoke(digest, at):
+                    count_revocation("state")
+        for digest, at in self.state_dir.load_revocations().revoked:
+            if keys.revoke(digest, at):
+                count_revocation("state")
+        if restored:
+            log.info("restored %d remembered API-key answers from %s", restored, self.state_dir.path)
+
+    async def save_state(self) -> None:
+        """Write this process's remembered API-key answers (hashes only) when they changed; off the event loop."""
+        if self.state_dir is None or self.runtime is None:
+            return
+        keys = self.runtime.keys
+        if keys.changes == self._saved_changes:
+            return
+        self._saved_changes = keys.changes
+        entries, revoked = keys.entries(), keys.revoked()
+        snapshot = KeysFile(1, [(d, None if v == REVOKED else msgspec.to_builtins(v), at) for d, v, at in entries],
+                            sorted(revoked.items()))
+        state, index = self.state_dir, self.index
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, state.save_keys, index, snapshot)
+        except OSError as exc:
+            log.error("could not save remembered API keys in %s: %s", state.path, exc)
+
+    def _start_feed(self, store_cfg: Any) -> None:
+        if store_cfg.url.startswith("memory://"):
+            return
+        self.feed = RevocationFeed(store_cfg.url, store_cfg.key_prefix, store_cfg.connect_timeout, self.revoked)
+        self.feed.start()
+
+    def revoked(self, digest: str, at: float, source: str) -> None:
+        """A revocation learned from the store's log or channel, the admin listener or the state directory."""
+        if self.runtime is not None and self.runtime.keys.revoke(digest, at):
+            count_revocation(source)
+            log.info("API key %s… revoked (%s)", digest[:12], source)
+
     async def reload(self, loaded: LoadedConfig) -> None:
         """Swap to a new, already validated config. Requests in flight finish on the runtime they started with;
         the store client, breaker and stale state are kept when `store` did not change."""
@@ -101,7 +162,13 @@ class Serving:
         old_store = None
         if cfg.store != old_cfg.store:
             old_store = self.store
-            stack, local, keys = self._store_stack(cfg.store), None, None
+            stack, local, keys = self._store_stack(cfg.store), None, KeyMemory()
+            for digest, at in old.keys.revoked().items():  # a revocation is about the key, whatever the store
+                keys.revoke(digest, at)
+            if self.feed is not None:
+                await self.feed.stop()
+                self.feed = None
+            self._start_feed(cfg.store)
             log.info("reload: `store` changed; new store client, breaker and stale state")
         else:
             stack, local, keys = self.stack, old.local, old.keys
@@ -123,10 +190,15 @@ class Serving:
             await old_store.close()
 
     async def _tick(self) -> None:
+        seconds = 0
         while True:
             await asyncio.sleep(1.0)
+            seconds += 1
             if self.runtime is not None:
                 self.runtime.decisions.flush_suppressed()
+                if seconds % 30 == 0:
+                    self.runtime.keys.prune(time.time())
+                    await self.save_state()
 
     def state(self) -> dict[str, Any]:
         """Store and breaker state, for /readyz."""
@@ -135,6 +207,7 @@ class Serving:
             "store": self.loaded.config.store.url.split("://", 1)[0],
             "breaker": NAMES[self.breaker.state] if self.breaker is not None else "closed",
             "chaos": fault.kind if fault is not None else None,
+            "revocations": self.feed.state if self.feed is not None else None,
         }
 
     def control(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +227,12 @@ class Serving:
             self.chaos.clear()
             log.warning("chaos: store fault cleared")
             return {"ok": True}
+        if op == "revoke":
+            digest, at = cmd.get("hash"), cmd.get("at")
+            if not isinstance(digest, str) or not isinstance(at, (int, float)):
+                return {"ok": False, "error": "revoke needs a hash and a time"}
+            self.revoked(digest, float(at), "admin")
+            return {"ok": True}
         if op == "test_stall":
             from . import testhooks
 
@@ -171,6 +250,8 @@ class Serving:
         """Stop accepting, let requests in flight finish within shutdown_grace, close pools, store and log."""
         self.listening = False
         self.lag.stop()
+        if self.feed is not None:
+            await self.feed.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         for task in list(self._retiring):
@@ -182,6 +263,7 @@ class Serving:
                 await self._ticker
         if self.runtime is not None:
             self.runtime.decisions.flush_suppressed()
+            await self.save_state()
             await self.runtime.close()
         if self.store is not None:
             await self.store.close()

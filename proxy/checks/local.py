@@ -1,9 +1,13 @@
-"""In-process rate limiting for `on_store_error: stale` (SPEC §3).
+"""In-process rate limiting for `on_store_error: stale`.
 
 While the store answers, the last state it reported for each key is remembered (bounded, least recently used
 first out). While it cannot, each key is enforced here with the same algorithm, continuing from that state,
 with the limit — and the remembered counts — scaled by `local_share`, so one instance as a whole admits about
-`limit` per window. When the store is back its answers take over again and the local state is forgotten.
+`limit` per window. Everything is per key: an answer from the store for one key replaces that key's local state
+and nothing else's — a store that answers some calls and fails others (out of memory: a deny writes nothing, a
+count does) must not reset the local count of the keys it fails.
+
+One ordered table, one entry per key, so eviction is O(1) (`popitem`) and the table never grows past `max_keys`.
 """
 
 from __future__ import annotations
@@ -16,36 +20,43 @@ from .algorithms import Outcome, run
 
 class LocalLimiter:
     def __init__(self, max_keys: int = 100_000) -> None:
-        self._last: OrderedDict[str, tuple[tuple[int, ...], float]] = OrderedDict()  # key -> (store state, at)
-        self._local: dict[str, tuple[int, ...]] = {}  # key -> local state while degraded
+        # key -> [store state or None, when the store reported it, local state or None]
+        self._keys: OrderedDict[str, list[object]] = OrderedDict()
         self._max = max_keys
 
+    def __len__(self) -> int:
+        return len(self._keys)
+
     def remember(self, key: str, state: tuple[int, ...], at: float) -> None:
-        last = self._last
-        last[key] = (state, at)
-        last.move_to_end(key)
-        if len(last) > self._max:
-            last.popitem(last=False)
-        if self._local:
-            self._local.clear()  # the store is answering again
+        """The store answered for `key`: its state replaces whatever was enforced here for that key."""
+        keys = self._keys
+        keys[key] = [state, at, None]
+        keys.move_to_end(key)
+        if len(keys) > self._max:
+            keys.popitem(last=False)
 
     def decide(self, key: str, algorithm: str, limit: int, window: int, burst: int, share: float,
                now_us: int) -> tuple[Outcome, float | None]:
-        """The local outcome and the age (seconds) of the store state it continued from, if any."""
+        """The local outcome and the age (seconds) of the store state this key's local count continues from, if
+        the store ever reported one."""
         local_limit = max(1, math.floor(limit * share))
         local_burst = max(1, math.floor(burst * share))
-        state = self._local.get(key)
+        keys = self._keys
+        entry = keys.get(key)
         age = None
-        if state is None:
-            remembered = self._last.get(key)
-            if remembered is not None:
-                store_state, at = remembered
-                age = max(0.0, now_us / 1e6 - at)
-                state = _scaled(algorithm, store_state, share)
-        out = run(algorithm, state, now_us, local_limit, window, local_burst)
-        self._local[key] = out.state
-        if len(self._local) > self._max:
-            self._local.pop(next(iter(self._local)))
+        if entry is None:
+            entry = keys[key] = [None, 0.0, None]
+            if len(keys) > self._max:
+                keys.popitem(last=False)
+        else:
+            keys.move_to_end(key)
+        store_state, at, state = entry
+        if store_state is not None:
+            age = max(0.0, now_us / 1e6 - at)  # type: ignore[operator]
+            if state is None:
+                state = _scaled(algorithm, store_state, share)  # type: ignore[arg-type]
+        out = run(algorithm, state, now_us, local_limit, window, local_burst)  # type: ignore[arg-type]
+        entry[2] = out.state
         return out, age
 
 

@@ -54,6 +54,12 @@ EVENT_LOOP_LAG = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=REGISTRY,
 )
 
+REVOCATIONS = Counter(
+    "failgate_revocations_total", "API-key revocations applied in a process, by where they came from: log (replayed "
+    "from the store), publish (the store's channel), admin (POST /keys/revoke), state (the state directory)",
+    ["source"], registry=REGISTRY,
+)
+
 BREAKER_STATE = Gauge(
     "failgate_breaker_state", "The store breaker of each process: 0 closed, 1 half-open, 2 open",
     registry=REGISTRY, multiprocess_mode="liveall",
@@ -102,6 +108,20 @@ def mark_dead(pid: int) -> None:
 def incrementer(child: Counter) -> Callable[[float], None]:
     """`child.inc` without its checks."""
     return child._value.inc  # type: ignore[no-any-return]
+
+
+STORE_ERRORS = Counter(
+    "failgate_store_errors_total", "Error replies from the store, by kind: oom (out of memory), readonly (a replica), "
+    "loading (restarting), noscript (script cache lost; re-sent), other", ["kind"], registry=REGISTRY,
+)
+_STORE_ERROR_KINDS = ("oom", "readonly", "loading", "noscript", "other")
+_store_error_incs = {kind: incrementer(STORE_ERRORS.labels(kind)) for kind in _STORE_ERROR_KINDS}
+
+
+def store_error(reply: str) -> None:
+    """Count one error reply by its kind (the first word Redis puts in it)."""
+    kind = reply.split(" ", 1)[0].lower()
+    _store_error_incs[kind if kind in _store_error_incs else "other"](1.0)
 
 
 class FastHistogram:

@@ -16,6 +16,7 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
 
+from ..observe.metrics import store_error
 from .errors import StoreUnavailable
 from .ops import GetOp, Op, RateOp, RateResult
 from .resp import Command, Endpoint, PipelinedClient, pack_commands
@@ -100,6 +101,7 @@ class RedisStore:
             return
         for r in replies:
             if type(r) is hiredis.ReplyError and str(r).startswith("NOSCRIPT"):
+                store_error("NOSCRIPT")
                 # Redis lost its script cache (restart, SCRIPT FLUSH). The script did not run, so sending it
                 # again as EVAL (which also caches it) cannot count twice. Same future: the caller still waits.
                 again = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
@@ -126,6 +128,7 @@ _new_tuple = tuple.__new__
 def _result(op: Op, reply: Any) -> Any:
     if type(reply) is hiredis.ReplyError:
         # An error reply: the server answered, but not with a result. Returned in place, for this op only.
+        store_error(str(reply))
         return StoreUnavailable("error", str(reply), transport=_server_wide(reply))
     if type(op) is GetOp:
         return reply

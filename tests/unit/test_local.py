@@ -22,18 +22,23 @@ def test_continues_from_the_last_store_state_scaled_by_local_share() -> None:
     assert results.count(True) == 20 and results[20:] == [False] * 10
 
 
-def test_without_state_starts_from_an_empty_bucket_and_forgets_when_the_store_is_back() -> None:
+def test_without_state_starts_from_an_empty_bucket_and_forgets_per_key_when_the_store_answers() -> None:
     local = LocalLimiter()
     outs = [local.decide("k", "fixed_window", 3, 60 * S, 3, 1.0, T0 + i)[0].allowed for i in range(4)]
     assert outs == [True, True, True, False]
-    local.remember("other", (T0 // (60 * S), 0), at=T0 / S)  # the store answered: local state is dropped
+    # The store answered for another key (out of memory, it can still deny what writes nothing): k keeps its count.
+    local.remember("other", (T0 // (60 * S), 0), at=T0 / S)
+    assert not local.decide("k", "fixed_window", 3, 60 * S, 3, 1.0, T0 + 5)[0].allowed
+    local.remember("k", (T0 // (60 * S), 1), at=T0 / S)  # the store answered for k: its state takes over
     out, age = local.decide("k", "fixed_window", 3, 60 * S, 3, 1.0, T0 + 10)
-    assert out.allowed and age is None
+    assert out.allowed and age is not None
 
 
 def test_remembered_keys_are_bounded() -> None:
     local = LocalLimiter(max_keys=100)
     for i in range(1000):
         local.remember(f"k{i}", (1, 1), at=0.0)
-    assert len(local._last) == 100
-    assert "k999" in local._last and "k0" not in local._last
+    for i in range(1000):
+        local.decide(f"d{i}", "fixed_window", 3, 60 * S, 3, 1.0, T0)  # keys only ever enforced locally, too
+    assert len(local) == 100
+    assert "d999" in local._keys and "k999" not in local._keys
