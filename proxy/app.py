@@ -166,6 +166,7 @@ class Proxy:
         self._proto = "https" if tls else "http"
         self._port = 443 if tls else 80  # the default port, dropped from the request's host
         self._malformed = MalformedLog()
+        self.draining = False  # set at shutdown: every response then closes its connection
 
     def refuse(self, status: int, detail: str, route: str | None = None) -> web.Response:
         """Failgate's answer to a request it will not serve before routing (unparsable, too large, wrong
@@ -216,6 +217,9 @@ class Proxy:
                                   request_id_header=rid_header, headers=exc.headers)
             if exc.status == 413:
                 resp.force_close()  # don't read the rest of an oversized body
+            elif route_ is not None:  # 502, 504: one structured line each, whether or not the access log is on
+                rt.decisions.event({"event": "upstream_error", "request_id": rid, "route": route_.name,
+                                    "upstream": route_.upstream.name, "status": exc.status, "detail": exc.detail})
         except ClientGone as gone:
             # The client went away mid-response: counted as 499, the status nginx logs for it.
             self._count(request.get(ROUTE), 499, started)
@@ -223,6 +227,8 @@ class Proxy:
             return gone.response
         finally:
             rt._finished()
+        if self.draining:
+            resp.force_close()  # Connection: close — the client must not send another request on this connection
         self._count(request.get(ROUTE), resp.status, started)
         self._log_decisions(request, rt, rid, resp.status)
         return resp

@@ -31,7 +31,7 @@ class ConfigState:
         self.current: LoadedConfig | None = None
         self.last_error: str | None = None
         self.from_last_good = False
-        self.counts = {"accepted": 0, "rejected": 0}
+        self.counts = {"accepted": 0, "rejected": 0, "unchanged": 0}
 
     def load_initial(self) -> LoadedConfig:
         """The config to start from; raises ConfigError when neither the file nor a last-good copy is valid."""
@@ -65,12 +65,13 @@ class ConfigState:
             log.error("reload rejected, still serving sha256 %s: %s",
                       self.current.sha256[:12] if self.current else "-", exc)
             return None
-        self.counts["accepted"] += 1
         self.last_error = None
-        self.from_last_good = False
         if self.current is not None and loaded.sha256 == self.current.sha256 and loaded.source == self.current.source:
+            self.counts["unchanged"] += 1
             log.info("reload: %s is unchanged (sha256 %s)", self.path, loaded.sha256[:12])
             return None
+        self.counts["accepted"] += 1
+        self.from_last_good = False
         self.current = loaded
         self._save(loaded)
         log.info("reload accepted: %s sha256 %s", self.path, loaded.sha256[:12])
@@ -105,6 +106,9 @@ class ConfigCollector(Collector):
         if self.state.current is not None:
             info.add_metric([self.state.current.sha256], 1)
         yield info
+        yield GaugeMetricFamily("failgate_config_from_last_good", "1 while the running config is the last-good copy "
+                                "(the file failed to load at start and has not been fixed and reloaded since)",
+                                value=1 if self.state.from_last_good else 0)
 
 
 async def watch_file(path: str, trigger: Callable[[], Awaitable[None]], interval: float = 1.0) -> None:

@@ -184,15 +184,9 @@ async def worker_main() -> None:
     serving = Serving(loaded, reuse_port=True, workers=int(msg.get("workers", 1)), state=state_dir,
                       index=int(msg.get("index", 0)))
     await serving.start()
-    assert serving.breaker is not None
-    from .observe.metrics import BREAKER_STATE
     from .store.breaker import NAMES
 
-    def breaker_changed(state: int) -> None:
-        BREAKER_STATE.set(state)
-        send({"event": "state", "breaker": NAMES[state]})
-
-    serving.breaker.on_change = breaker_changed
+    serving.notify = lambda state: send({"event": "state", "breaker": NAMES[state]})
     settle_gc()
     send({"event": "ready", "pid": os.getpid(), "sha256": loaded.sha256})
 

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
@@ -39,6 +40,7 @@ class Serving:
         self.state_dir = state
         self.index = index  # this serving process's number among the workers: its file in the state directory
         self.feed: RevocationFeed | None = None
+        self.notify: Callable[[int], None] | None = None  # told of breaker changes (a worker tells its parent)
         self._saved_changes = -1
         self._reuse_port = reuse_port
         self._runner: web.ServerRunner | None = None
@@ -96,10 +98,17 @@ class Serving:
         self.store = open_store(store_cfg)
         self.chaos = ChaosStore(self.store, store_cfg.timeout)
         BREAKER_STATE.set(0)
-        on_change = self.breaker.on_change if self.breaker is not None else BREAKER_STATE.set
-        self.breaker = Breaker(store_cfg.breaker.failures, store_cfg.breaker.open_for, on_change=on_change)
+        self.breaker = Breaker(store_cfg.breaker.failures, store_cfg.breaker.open_for, on_change=self._breaker_changed)
         self.stack = BreakerStore(self.chaos, self.breaker, raw=self.store)
         return self.stack
+
+    def _breaker_changed(self, state: int) -> None:
+        """A dependency's state change: the gauge, one structured line, and the parent (in a worker)."""
+        BREAKER_STATE.set(state)
+        if self.runtime is not None:
+            self.runtime.decisions.event({"event": "dependency", "dependency": "store", "breaker": NAMES[state]})
+        if self.notify is not None:
+            self.notify(state)
 
     def _restore(self, keys: KeyMemory) -> None:
         """What the state directory remembers: API-key answers (so a restart during an outage still serves
@@ -162,7 +171,10 @@ class Serving:
         old_store = None
         if cfg.store != old_cfg.store:
             old_store = self.store
+            rehearsal = self.chaos.active() if self.chaos is not None else None
             stack, local, keys = self._store_stack(cfg.store), None, KeyMemory()
+            if rehearsal is not None and self.chaos is not None:
+                self.chaos.fault = rehearsal  # an outage rehearsal goes on for what is left of it, on the new store
             for digest, at in old.keys.revoked().items():  # a revocation is about the key, whatever the store
                 keys.revoke(digest, at)
             if self.feed is not None:
@@ -185,7 +197,7 @@ class Serving:
     async def _retire(self, old: Runtime, new: Runtime, old_store: Any) -> None:
         await old.drained()
         await old.close(keep=set(new.upstreams.values()))
-        old.decisions.flush_suppressed()
+        old.decisions.flush(final=True)
         if old_store is not None:
             await old_store.close()
 
@@ -195,7 +207,7 @@ class Serving:
             await asyncio.sleep(1.0)
             seconds += 1
             if self.runtime is not None:
-                self.runtime.decisions.flush_suppressed()
+                self.runtime.decisions.flush()
                 if seconds % 30 == 0:
                     self.runtime.keys.prune(time.time())
                     await self.save_state()
@@ -249,6 +261,8 @@ class Serving:
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish within shutdown_grace, close pools, store and log."""
         self.listening = False
+        if self.proxy is not None:
+            self.proxy.draining = True  # responses from now on say Connection: close
         self.lag.stop()
         if self.feed is not None:
             await self.feed.stop()
@@ -262,7 +276,7 @@ class Serving:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         if self.runtime is not None:
-            self.runtime.decisions.flush_suppressed()
+            self.runtime.decisions.flush(final=True)
             await self.save_state()
             await self.runtime.close()
         if self.store is not None:

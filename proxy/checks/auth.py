@@ -14,6 +14,7 @@ import msgspec
 
 from ..config.schema import Auth
 from ..decision import Verdict
+from ..observe.metrics import data_lost
 from ..store.errors import StoreUnavailable
 from ..store.ops import GetOp
 from .memo import REVOKED, KeyMemory, Record
@@ -109,6 +110,7 @@ class AuthCheck:
             if isinstance(raw, StoreUnavailable):
                 raise raw
         if epoch_raw is None:
+            data_lost()
             raise StoreUnavailable("error", "the store's epoch marker is missing: it lost its data (restart "
                                    "without persistence, flush or eviction)")
         if record_raw is None:

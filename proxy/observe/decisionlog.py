@@ -1,13 +1,22 @@
-"""The decision log (SPEC §9) and the optional access log, written off the event loop.
+"""The decision log and the optional access log, written off the event loop.
 
-The request path only formats a small dict and puts it on a queue; a thread encodes and writes the lines. Bursts
-are summarized: at most `per_route_per_second` decision lines per route per second, then one line
-`{"suppressed": N, ...}` for that route and second. Lines never carry a key, token or password: the principal is
-the store's name for the caller, the client is an address.
+The request path only formats a small dict and puts it on a queue; a thread encodes and writes the lines. Every
+deny and every degraded verdict is accounted for, and none can hide another:
+- each route has two budgets a second — denies, and degraded verdicts — of `per_route_per_second` lines each
+  (per process: with N workers an instance writes up to N times that), so a flood of 429s never uses up the lines
+  that would show a fail-open;
+- past a budget, verdicts are counted, and summarized once that second is over: one line per (route, check,
+  decision, basis, reason) with the count (`"suppressed": N`);
+- the queue is bounded (`max_queue` lines); a line that does not fit is counted in the same summaries;
+- `flush(final=True)` — at reload, when a retired config has drained, and at shutdown — writes the summaries of
+  the current second too, so lines + summary counts = verdicts across orderly reloads and stops.
+Lines never carry a key, token or password: the principal is the store's name for the caller, the client is an
+address. The same writer carries events an operator needs: an upstream's 502/504, a dependency's state change.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -21,29 +30,57 @@ _STOP = object()
 
 
 class LogWriter:
-    """One thread, one queue, one stream: JSON lines, in order."""
+    """One thread, one bounded queue, one stream: JSON lines, in order. Complete lines go out in one write, so
+    the lines of several worker processes sharing a stream never interleave inside a line."""
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    def __init__(self, stream: IO[str] | None = None, max_queue: int = 20_000) -> None:
         self._stream = stream
+        self.max_queue = max_queue
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="failgate-log", daemon=True)
         self._thread.start()
 
-    def put(self, line: dict[str, Any]) -> None:
+    def put(self, line: dict[str, Any]) -> bool:
+        """Queue a line; False (not queued) when the queue is full — the caller accounts for it."""
+        if self._queue.qsize() >= self.max_queue:
+            return False
+        self._queue.put(line)
+        return True
+
+    def put_always(self, line: dict[str, Any]) -> None:
+        """For the few lines that account for others (summaries): never dropped."""
         self._queue.put(line)
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
+            batch = []
+            while item is not _STOP:
+                batch.append(_encode(item) + b"\n")
+                if self._queue.empty() or len(batch) >= 256:
+                    break
+                item = self._queue.get()
+            self._write(b"".join(batch))
             if item is _STOP:
                 return
-            stream = self._stream or sys.stderr
-            try:
-                stream.write(_encode(item).decode() + "\n")
-                if self._queue.empty():
-                    stream.flush()
-            except (OSError, ValueError):
-                pass  # a closed stream must not kill the proxy
+
+    def _write(self, data: bytes) -> None:
+        if not data:
+            return
+        stream = self._stream or sys.stderr
+        try:
+            fileno = stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            fileno = None
+        try:
+            if fileno is not None:
+                stream.flush()
+                os.write(fileno, data)
+            else:
+                stream.write(data.decode())
+                stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stream must not kill the proxy
 
     def close(self) -> None:
         self._queue.put(_STOP)
@@ -55,36 +92,45 @@ class DecisionLog:
         self.writer = writer
         self.config_sha256 = config_sha256
         self.limit = per_route_per_second
-        self._second: dict[str, tuple[int, int]] = {}  # route -> (second, lines written or suppressed so far)
+        self._second: dict[tuple[str, str], tuple[int, int]] = {}  # (route, kind) -> (second, lines so far)
+        # (second, route, kind, check, decision, basis, reason) -> verdicts not written as lines
+        self._suppressed: dict[tuple[int, str, str, str, str, str, str | None], int] = {}
 
     def record(self, *, request_id: str, route: str, check: str, decision: str, basis: str, reason: str | None,
                status: int, client: str, principal: str | None) -> None:
         now = time.time()
         sec = int(now)
-        seen = self._second.get(route)
-        if seen is None or seen[0] != sec:
-            if seen is not None and seen[1] > self.limit:
-                self._suppressed(now, route, seen)
-            seen = (sec, 0)
-        count = seen[1] + 1
-        self._second[route] = (sec, count)
-        if count > self.limit:
-            return
-        self.writer.put({
+        kind = "deny" if basis == "checked" else "degraded"
+        budget = (route, kind)
+        seen = self._second.get(budget)
+        count = 1 if seen is None or seen[0] != sec else seen[1] + 1
+        self._second[budget] = (sec, count)
+        if count <= self.limit and self.writer.put({
             "ts": round(now, 3), "request_id": request_id, "route": route, "check": check, "decision": decision,
             "basis": basis, "reason": reason, "status": status, "client": client, "principal": principal,
             "config_sha256": self.config_sha256,
-        })
+        }):
+            return
+        group = (sec, route, kind, check, decision, basis, reason)
+        self._suppressed[group] = self._suppressed.get(group, 0) + 1
 
-    def flush_suppressed(self) -> None:
-        """Write the pending "suppressed" lines (called once a second, and at shutdown)."""
+    def event(self, line: dict[str, Any]) -> None:
+        """An operator event (an upstream failure, a dependency's state change): one line each, never dropped."""
+        self.writer.put_always({"ts": round(time.time(), 3), **line, "config_sha256": self.config_sha256})
+
+    def flush(self, final: bool = False) -> None:
+        """Write the summaries of every second that is over (called once a second) — and, with `final`, of the
+        current one too (at reload and shutdown: nothing may stay behind)."""
+        if not self._suppressed:
+            return
         now = time.time()
         sec = int(now)
-        for route, (s, count) in list(self._second.items()):
-            if s != sec and count > self.limit:
-                self._suppressed(now, route, (s, count))
-                self._second[route] = (s, self.limit)
-
-    def _suppressed(self, now: float, route: str, seen: tuple[int, int]) -> None:
-        self.writer.put({"ts": round(now, 3), "route": route, "suppressed": seen[1] - self.limit, "second": seen[0],
-                         "config_sha256": self.config_sha256})
+        for group in [g for g in self._suppressed if final or g[0] != sec]:
+            second, route, kind, check, decision, basis, reason = group
+            self.writer.put_always({
+                "ts": round(now, 3), "route": route, "second": second, "kind": kind, "check": check,
+                "decision": decision, "basis": basis, "reason": reason, "suppressed": self._suppressed.pop(group),
+                "config_sha256": self.config_sha256,
+            })
+        for budget in [b for b, (s, _) in self._second.items() if s != sec]:
+            del self._second[budget]

@@ -6,7 +6,9 @@ must be set before this module is imported) and the parent aggregates them for `
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -122,6 +124,27 @@ def store_error(reply: str) -> None:
     """Count one error reply by its kind (the first word Redis puts in it)."""
     kind = reply.split(" ", 1)[0].lower()
     _store_error_incs[kind if kind in _store_error_incs else "other"](1.0)
+
+
+DATA_LOST = Counter(
+    "failgate_store_data_lost_total", "Auth lookups that found the store's epoch marker missing: the store lost its "
+    "data (restarted without persistence, flushed, evicted); each is a store error for its request",
+    registry=REGISTRY,
+)
+_data_lost_inc = incrementer(DATA_LOST)
+_data_lost_logged = [0.0]
+
+
+def data_lost() -> None:
+    """Count one lookup that found the epoch marker missing; log it at most once every 10 seconds."""
+    _data_lost_inc(1.0)
+    now = time.monotonic()
+    if now - _data_lost_logged[0] >= 10.0:
+        _data_lost_logged[0] = now
+        logging.getLogger("failgate.store").error(
+            "the store's epoch marker is missing: Redis lost its data (restart without persistence, flush or "
+            "eviction). Auth checks fail by their fail mode until keys are restored (failgate keys add writes "
+            "the marker)")
 
 
 class FastHistogram:

@@ -68,18 +68,40 @@ def test_decision_log_summarizes_bursts_per_route_per_second() -> None:
                    status=401, client="10.0.0.1", principal=None)
     log.record(request_id="b", route="b", check="rate_limit", decision="allow", basis="open", reason="timeout",
                status=200, client="10.0.0.2", principal="p")
+    log.flush()  # the second is not over: nothing summarized yet
     time.sleep(1.05)
-    log.flush_suppressed()
+    log.flush()
     writer.close()
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
     a = [x for x in lines if x["route"] == "a"]
     assert len([x for x in a if "request_id" in x]) == 5
-    assert [x["suppressed"] for x in a if "suppressed" in x] == [15]
+    assert [(x["suppressed"], x["kind"], x["check"], x["basis"]) for x in a if "suppressed" in x] == [
+        (15, "deny", "auth", "checked")]
     b = next(x for x in lines if x["route"] == "b")
     assert {k: b[k] for k in ("check", "decision", "basis", "reason", "status", "client", "principal",
                               "config_sha256")} == {
         "check": "rate_limit", "decision": "allow", "basis": "open", "reason": "timeout", "status": 200,
         "client": "10.0.0.2", "principal": "p", "config_sha256": "abc"}
+
+
+def test_denies_cannot_hide_degraded_verdicts_and_a_final_flush_accounts_for_everything() -> None:
+    out = io.StringIO()
+    writer = LogWriter(out, max_queue=30)  # small: some lines do not fit the queue and must be counted
+    log = DecisionLog(writer, "abc", per_route_per_second=10)
+    for i in range(200):  # one route: every request denied by the limit and its auth decided open
+        log.record(request_id=f"r{i}", route="a", check="rate_limit", decision="deny", basis="checked",
+                   reason=None, status=429, client="c", principal=None)
+        log.record(request_id=f"r{i}", route="a", check="auth", decision="allow", basis="open", reason="timeout",
+                   status=429, client="c", principal=None)
+    log.flush(final=True)  # the current second too
+    writer.close()
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    totals: dict[tuple[str, str], int] = {}
+    for x in lines:
+        key = (x["check"], x["basis"])
+        totals[key] = totals.get(key, 0) + x.get("suppressed", 1)
+    assert totals == {("rate_limit", "checked"): 200, ("auth", "open"): 200}
+    assert any(x["check"] == "auth" and "request_id" in x for x in lines)  # degraded verdicts got lines of their own
 
 
 class Silent:
