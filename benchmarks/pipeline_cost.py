@@ -14,7 +14,7 @@ from typing import Any
 import uvloop
 from multidict import CIMultiDict
 
-from proxy.app import Runtime
+from proxy.compiled import Runtime
 from proxy.config import load_text
 from proxy.pipeline import run_checks
 from proxy.store.breaker import Breaker, BreakerStore

@@ -80,7 +80,7 @@ KINDS = ("store", "stack", "yield")
 async def _calls(url: str) -> tuple[RedisStore, dict[str, Any]]:
     store = RedisStore(url, timeout=5.0, connect_timeout=1.0, pool_size=4)
     await _wait_up(store)
-    stack = BreakerStore(ChaosStore(store, 5.0), Breaker(5, 5.0), raw=store)
+    stack = BreakerStore(ChaosStore(store, 5.0), Breaker(5, 5.0))
     loop = asyncio.get_running_loop()
     ops = [OP]
 
@@ -88,12 +88,7 @@ async def _calls(url: str) -> tuple[RedisStore, dict[str, Any]]:
         await store.execute(ops)
 
     async def via_stack() -> None:  # as proxy/pipeline.py calls it
-        try:
-            results = await stack.begin(ops)
-        except Exception as exc:
-            stack.settle(None, exc)  # type: ignore[arg-type]
-            raise
-        stack.settle(results, None)
+        await stack.round_trip(ops)
 
     async def bare_yield() -> None:
         f = loop.create_future()

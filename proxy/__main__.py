@@ -1,4 +1,4 @@
-"""Command line: `failgate run | check | keys | demo` (SPEC §9). `python -m proxy` is the same program."""
+"""Command line: `failgate run | check | keys | demo`. `python -m proxy` is the same program."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config.validate import resolve_workers
+    from .config.values import resolve_workers
     from .reload import ConfigState
     from .server import run
 

@@ -1,4 +1,4 @@
-"""The admin listener (SPEC §9): health, readiness, the running config (redacted) and metrics.
+"""The admin listener: health, readiness, the running config (redacted) and metrics.
 
 It is served by whichever process owns the workers' view: the parent in multi-worker mode, the only process
 otherwise. `Status` is the narrow interface it needs from that owner.
@@ -14,10 +14,10 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .checks.auth import digest_of
 from .config import LoadedConfig, format_duration
 from .config.schema import ByteSize, Duration
-from .config.validate import redact_url
+from .config.values import redact_url
+from .keyspace import digest_of
 from .observe.metrics import exposition
 from .reload import ConfigState
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import LoadedConfig, format_duration
-from .config.validate import redact_url, resolve_workers
+from .config.values import redact_url, resolve_workers
 from .routing import RouteMatch, compile_match
 
 

@@ -1,12 +1,26 @@
-"""The values that flow through the check pipeline: a check's Verdict and the Basis it was reached on."""
+"""The values that flow from the checks to the response: each check's Verdict, and a request's Decision."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+from .store.errors import Reason
+
+if TYPE_CHECKING:
+    from .observe.metrics import RouteMetrics
 
 Basis = Literal["checked", "open", "closed", "stale"]
-Reason = Literal["timeout", "unavailable", "error", "breaker_open"]
+
+__all__ = ["Basis", "Decision", "Identity", "Reason", "Verdict"]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a credential belongs to, as the auth check established it."""
+
+    principal: str
+    scopes: tuple[str, ...]
 
 
 @dataclass(slots=True)
@@ -15,12 +29,13 @@ class Verdict:
     allow: bool
     basis: Basis = "checked"
     status: int = 200  # the response status when denied
-    code: str = ""  # the error code of a denial (SPEC §8)
+    code: str = ""  # the error code of a denial ("rate_limited", "unauthorized", …)
     detail: str = ""
     headers: list[tuple[str, str]] = field(default_factory=list)  # sent on the response, allowed or not
-    reason: Reason | None = None  # why the store could not answer (degraded verdicts only)
+    reason: Reason | None = None  # why the dependency could not answer (degraded verdicts only)
     age: float | None = None  # seconds, stale only
     fallback: str | None = None  # stale had nothing and stale_fallback applied
+    identity: Identity | None = None  # an allowing auth verdict: who
 
     @property
     def degraded(self) -> bool:
@@ -34,3 +49,20 @@ class Verdict:
         if self.fallback is not None:
             item += f";fallback={self.fallback}"
         return item
+
+
+@dataclass(slots=True)
+class Decision:
+    """The verdicts of one request's checks, in check order; the first deny is the response."""
+
+    verdicts: list[Verdict] = field(default_factory=list)
+    deny: Verdict | None = None
+    identity: Identity | None = None
+
+    def add(self, metrics: RouteMetrics, verdict: Verdict) -> None:
+        metrics.decided(verdict)
+        self.verdicts.append(verdict)
+        if verdict.identity is not None:
+            self.identity = verdict.identity
+        if not verdict.allow and self.deny is None:
+            self.deny = verdict

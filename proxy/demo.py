@@ -79,17 +79,17 @@ def seed_demo_key(serving: object) -> str:
     """Put one API key into the demo's memory:// store (and its epoch marker); returns the key."""
     import time
 
-    from .checks.auth import digest_of
     from .checks.memo import Record
     from .keys import new_key
+    from .keyspace import digest_of, epoch_key, record_key
     from .store.memory import MemoryStore
 
     store = getattr(serving, "store", None)
     assert isinstance(store, MemoryStore)
     prefix = serving.loaded.config.store.key_prefix  # type: ignore[attr-defined]
     key = new_key()
-    store.set_value(prefix + "epoch", str(int(time.time())).encode())
-    store.set_value(prefix + "apikey:" + digest_of(key),
+    store.set_value(epoch_key(prefix), str(int(time.time())).encode())
+    store.set_value(record_key(prefix, digest_of(key)),
                     msgspec.json.encode(Record(principal="demo", scopes=DEMO_SCOPES)))
     return key
 

@@ -1,76 +1,67 @@
-"""What a check decides when the store cannot answer (SPEC §3). Pure: no I/O, no clock, no store.
+"""What a check decides when its dependency cannot answer — the table, as data. Pure: no I/O, no clock.
 
-Read it as a table. Rows are (check, on_store_error); each returns the Verdict and its basis. Nothing else in
-Failgate decides what a store failure means.
-
-| check      | mode   | verdict                                                                          |
-|------------|--------|----------------------------------------------------------------------------------|
-| rate_limit | open   | allow, basis open; no RateLimit fields (we don't know them)                      |
-| rate_limit | closed | deny with status_on_error and Retry-After: breaker.open_for, basis closed        |
-| rate_limit | stale  | the local limiter's outcome (continued from the last state the store reported),  |
-|            |        | basis stale, with RateLimit fields from the local state                          |
+`TABLE` maps (check kind, `on_store_error`) to a `Rule`, and `degraded()` applies it: nothing else in Failgate
+decides what a failure means. `allow` and `deny` are the same for every kind; `remembered` hands over to the
+check kind's own stale memory (the local limiter, the remembered API-key records). The README prints this table;
+tests/unit/test_failmode.py keeps the two the same and runs every row.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Literal
 
-from .checks.algorithms import Outcome
 from .decision import Basis, Reason, Verdict
-
-if TYPE_CHECKING:
-    from .checks.auth import Identity
-    from .checks.memo import Record
+from .store.errors import StoreUnavailable
 
 
-def rate_limit_open(reason: Reason) -> Verdict:
-    return Verdict("rate_limit", True, basis="open", reason=reason)
+@dataclass(frozen=True)
+class Rule:
+    outcome: Literal["allow", "deny", "remembered"]
+    text: str  # what the README says
 
 
-def closed(check: str, reason: Reason, *, status: int, retry_after: float, basis: Basis = "closed",
-           fallback: str | None = None) -> Verdict:
+TABLE: dict[tuple[str, str], Rule] = {
+    ("rate_limit", "open"): Rule("allow", "allow; no `RateLimit` fields (there is nothing to report)"),
+    ("rate_limit", "closed"): Rule("deny", "deny with `status_on_error` and `Retry-After: <breaker.open_for>`"),
+    ("rate_limit", "stale"): Rule("remembered", "enforce in this process, per key, continuing from the last state "
+                                  "the store reported (scaled by `local_share`); `RateLimit` fields from it"),
+    ("auth", "open"): Rule("allow", "allow; the principal is unknown (a `principal` limit counts by client "
+                           "address)"),
+    ("auth", "closed"): Rule("deny", "deny with `status_on_error` and `Retry-After: <breaker.open_for>`"),
+    ("auth", "stale"): Rule("remembered", "the record remembered for the credential if younger than `stale_for`, "
+                            "the route's scopes, expiry and revocations applied to it; nothing remembered: "
+                            "`stale_fallback` (`open` or `closed`), tagged `fallback=`"),
+}
+
+
+def degraded(kind: str, mode: str, failure: StoreUnavailable, *, status: int, retry_after: float,
+             remembered: Callable[[Reason], Verdict]) -> Verdict:
+    """The verdict of a `kind` check whose dependency failed with `failure`, by its `on_store_error` `mode`."""
+    rule = TABLE[(kind, mode)]
+    if rule.outcome == "allow":
+        return unchecked_allow(kind, failure.reason, basis="open")
+    if rule.outcome == "deny":
+        return unchecked_deny(kind, failure.reason, status=status, retry_after=retry_after)
+    return remembered(failure.reason)
+
+
+def unchecked_allow(check: str, reason: Reason, *, basis: Basis, fallback: str | None = None) -> Verdict:
+    return Verdict(check, True, basis=basis, reason=reason, fallback=fallback)
+
+
+def unchecked_deny(check: str, reason: Reason, *, status: int, retry_after: float, basis: Basis = "closed",
+                   fallback: str | None = None) -> Verdict:
     return Verdict(check, False, basis=basis, reason=reason, status=status, code="store_unavailable",
                    fallback=fallback,
                    detail=f"the {check.replace('_', ' ')} check cannot be made right now; retry later",
                    headers=[("Retry-After", str(max(1, math.ceil(retry_after))))])
 
 
-def rate_limit_stale(reason: Reason, outcome: Outcome, *, route: str, policy: tuple[str, str], limit: int,
-                     age: float | None) -> Verdict:
-    headers = [policy, ("RateLimit", f'"{route}";r={outcome.remaining};t={math.ceil(outcome.reset_after / 1e6)}')]
-    if outcome.allowed:
-        return Verdict("rate_limit", True, basis="stale", reason=reason, headers=headers, age=age)
-    retry = max(1, math.ceil(outcome.retry_after / 1e6))
-    headers.append(("Retry-After", str(retry)))
-    return Verdict("rate_limit", False, basis="stale", reason=reason, status=429, code="rate_limited",
-                   detail=f"rate limit exceeded (enforced locally while the store cannot answer); retry in {retry}s",
-                   headers=headers, age=age)
-
-
-# --- auth -----------------------------------------------------------------------------------------------------
-#
-# | check | mode   | verdict                                                                                   |
-# |-------|--------|-------------------------------------------------------------------------------------------|
-# | auth  | open   | allow, basis open; the principal is unknown (a `principal` rate limit uses the client IP) |
-# | auth  | closed | deny with status_on_error and Retry-After, basis closed                                   |
-# | auth  | stale  | the record remembered for this credential, if fetched within stale_for: the route's own   |
-# |       |        | scope and expiry rules applied to it (a remembered revocation stays 401), basis stale,    |
-# |       |        | tagged with its age; nothing remembered (or too old): stale_fallback, tagged fallback=…   |
-# |       |        | and still counted as basis stale (the decision label says allow or deny)                  |
-
-
-def auth_open(reason: Reason) -> Verdict:
-    return Verdict("auth", True, basis="open", reason=reason)
-
-
-def auth_stale(reason: Reason, remembered: tuple[Record | str, float] | None, *, now: float, stale_for: float,
-               fallback: str, status: int, retry_after: float,
-               judge: Callable[..., tuple[Verdict, Identity | None]]) -> tuple[Verdict, Identity | None]:
-    if remembered is not None and now - remembered[1] <= stale_for:
-        record, at = remembered
-        return judge(record, now, basis="stale", reason=reason, age=now - at)
-    if fallback == "open":
-        return Verdict("auth", True, basis="stale", reason=reason, fallback="open"), None
-    return closed("auth", reason, status=status, retry_after=retry_after, basis="stale", fallback="closed"), None
+def readme_table() -> str:
+    """The table as the README prints it."""
+    rows = ["| check | `on_store_error` | when the dependency cannot answer |", "|---|---|---|"]
+    rows += [f"| {kind} | `{mode}` | {rule.text} |" for (kind, mode), rule in TABLE.items()]
+    return "\n".join(rows)

@@ -1,4 +1,4 @@
-"""Streams a request to its upstream and the response back (SPEC §4, §7), in bounded memory both ways.
+"""Streams a request to its upstream and the response back, in bounded memory both ways.
 
 One pooled ClientSession per upstream. Time budgets: `connect_timeout` (502), `timeout` until the response
 headers (504), `idle_timeout` for any pause while a body streams either way (the stream is cut; the status was

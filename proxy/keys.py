@@ -13,11 +13,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .checks.auth import digest_of
 from .checks.memo import Record
 from .config import LoadedConfig
 from .config.schema import parse_duration
-from .config.validate import redact_url
+from .config.values import redact_url
+from .keyspace import digest_in, digest_of, epoch_key, record_key, record_pattern
 from .revocations import revoke_commands
 
 _encode = msgspec.json.Encoder().encode
@@ -69,8 +69,8 @@ def add(loaded: LoadedConfig, principal: str, scopes: list[str], expires: str | 
 
     def write(client: redis.Redis) -> None:
         pipe = client.pipeline(transaction=True)
-        pipe.set(prefix + "epoch", str(int(time.time())), nx=True)
-        pipe.set(prefix + "apikey:" + digest, _encode(record))
+        pipe.set(epoch_key(prefix), str(int(time.time())), nx=True)
+        pipe.set(record_key(prefix, digest), _encode(record))
         pipe.execute()
 
     _run(loaded, write)
@@ -85,7 +85,7 @@ def revoke(loaded: LoadedConfig, key_or_hash: str) -> str:
 
     def write(client: redis.Redis) -> str:
         digest = _resolve(client, prefix, key_or_hash)
-        if not client.exists(prefix + "apikey:" + digest):
+        if not client.exists(record_key(prefix, digest)):
             raise KeysError(f"no key with hash {digest[:12]}… in the store")
         pipe = client.pipeline(transaction=True)
         revoke_commands(pipe, prefix, digest, time.time())
@@ -99,8 +99,8 @@ def _resolve(client: redis.Redis, prefix: str, value: str) -> str:
     if _HEX64.match(value):
         return value
     if _HEX_PREFIX.match(value):
-        matches = [name.decode()[len(prefix) + len("apikey:"):]
-                   for name in client.scan_iter(match=f"{prefix}apikey:{value}*", count=1000)]
+        matches = [digest_in(prefix, name.decode())
+                   for name in client.scan_iter(match=record_pattern(prefix, value), count=1000)]
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
@@ -109,13 +109,13 @@ def _resolve(client: redis.Redis, prefix: str, value: str) -> str:
 
 
 def list_keys(loaded: LoadedConfig) -> list[tuple[str, Record | None]]:
-    prefix = loaded.config.store.key_prefix + "apikey:"
+    prefix = loaded.config.store.key_prefix
 
     def read(client: redis.Redis) -> list[tuple[str, Record | None]]:
         out: list[tuple[str, Record | None]] = []
-        for name in client.scan_iter(match=prefix + "*", count=500):
+        for name in client.scan_iter(match=record_pattern(prefix), count=500):
             raw = client.get(name)
-            digest = name.decode()[len(prefix):]
+            digest = digest_in(prefix, name.decode())
             try:
                 out.append((digest, msgspec.json.decode(raw, type=Record) if raw else None))
             except (msgspec.DecodeError, msgspec.ValidationError):

@@ -1,4 +1,4 @@
-"""Fail stale for Failgate's own config (SPEC §9): load -> validate -> compile, then an atomic swap.
+"""Fail stale for Failgate's own config : load -> validate -> compile, then an atomic swap.
 
 An invalid file never replaces the running config: the error is logged, counted and shown on /config. With
 `--last-good PATH`, every accepted config is copied there (write, fsync, rename; mode 0600), and a start whose

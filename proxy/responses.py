@@ -1,4 +1,4 @@
-"""Responses Failgate makes itself (SPEC §8): a JSON body with a fixed error code, never a traceback."""
+"""Responses Failgate makes itself: a JSON body with a fixed error code, never a traceback."""
 
 from __future__ import annotations
 

@@ -25,6 +25,8 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from .keyspace import record_key
+from .keyspace import revoked_key as log_key
 from .observe.metrics import REVOCATIONS
 from .statefiles import StateDir
 
@@ -35,14 +37,10 @@ KEEP = 24 * 3600 + 3600  # seconds a revocation stays in the store's log: the lo
 Apply = Callable[[str, float, str], None]  # (hash, when, source)
 
 
-def log_key(prefix: str) -> str:
-    return prefix + "revoked"
-
-
 def revoke_commands(pipe: Any, prefix: str, digest: str, now: float) -> None:
     """Queue a revocation on a redis-py pipeline (sync or asyncio): record gone, hash logged, log trimmed to
     KEEP, and published — in the caller's transaction."""
-    pipe.delete(prefix + "apikey:" + digest)
+    pipe.delete(record_key(prefix, digest))
     pipe.zadd(log_key(prefix), {digest: now})
     pipe.zremrangebyscore(log_key(prefix), "-inf", now - KEEP)
     pipe.publish(log_key(prefix), f"{digest} {now}")

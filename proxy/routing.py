@@ -1,4 +1,4 @@
-"""Request-target normalization and route matching (SPEC §7). No I/O.
+"""Request-target normalization and route matching. No I/O.
 
 Matching runs on the raw request target, normalized once: unreserved characters are percent-decoded (so `%41`
 and `A` are the same path), `.`/`..` segments resolved, `//` collapsed. Anything that could make the proxy and

@@ -1,4 +1,4 @@
-"""Processes: one serving process, or a supervising parent with N workers sharing the port (SPEC §9, §10).
+"""Processes: one serving process, or a supervising parent with N workers sharing the port.
 
 - `workers: 1` runs everything in one process: the proxy listener and the admin listener.
 - `workers: N > 1`: the parent validates the config once, starts N workers (`python -m proxy _worker`) that each
@@ -25,7 +25,7 @@ import msgspec
 from aiohttp import web
 
 from .config import ConfigError, LoadedConfig, load_text
-from .config.validate import resolve_workers
+from .config.values import resolve_workers
 from .reload import ConfigCollector, ConfigState, watch_file
 from .revocations import RevocationDesk
 from .serving import Serving

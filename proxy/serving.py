@@ -15,6 +15,7 @@ import msgspec
 from aiohttp import web
 
 from .checks.memo import REVOKED, KeyMemory, Record
+from .compiled import Memories, Runtime
 from .config import LoadedConfig
 from .observe.decisionlog import DecisionLog, LogWriter
 from .observe.lag import LagSampler
@@ -27,7 +28,7 @@ from .store.breaker import NAMES, Breaker, BreakerStore
 from .store.chaos import ChaosStore, parse_fault
 
 if TYPE_CHECKING:
-    from .app import Proxy, Runtime
+    from .app import Proxy
 
 log = logging.getLogger("failgate.serving")
 
@@ -58,23 +59,17 @@ class Serving:
         self.lag = LagSampler()
 
     async def start(self) -> None:
-        from .app import Proxy, Runtime
+        from .app import Proxy
         from .listener import ProxyServer
 
         cfg = self.loaded.config
-        stack = self._store_stack(cfg.store)
-        decisions = DecisionLog(self.writer, self.loaded.sha256)
-        keys = KeyMemory()
-        self._restore(keys)
-        self.runtime = Runtime(self.loaded, stack, workers=self.workers, decisions=decisions, keys=keys)
+        memories = Memories(self._store_stack(cfg.store), DecisionLog(self.writer, self.loaded.sha256))
+        self._restore(memories.keys)
+        self.runtime = Runtime(self.loaded, memories, workers=self.workers)
         self._start_feed(cfg.store)
-        self.proxy = Proxy(self.runtime, tls=cfg.listen.tls is not None)
-        kwargs: dict[str, Any] = {"access_log": None}
-        if cfg.access_log:
-            from .observe.accesslog import JsonAccessLogger, access_logger
-
-            JsonAccessLogger.writer = self.writer
-            kwargs = {"access_log": access_logger(), "access_log_class": JsonAccessLogger}
+        self.proxy = Proxy(self.runtime, tls=cfg.listen.tls is not None,
+                           access_log=self.writer if cfg.access_log else None)
+        kwargs: dict[str, Any] = {"access_log": None}  # Failgate writes its own (one JSON line per request)
         lim = cfg.limits
         server = self._server = ProxyServer(self.proxy.handle, header_timeout=lim.header_timeout,
                                            max_connections=lim.max_connections, keepalive_timeout=75.0,
@@ -99,7 +94,7 @@ class Serving:
         self.chaos = ChaosStore(self.store, store_cfg.timeout)
         BREAKER_STATE.set(0)
         self.breaker = Breaker(store_cfg.breaker.failures, store_cfg.breaker.open_for, on_change=self._breaker_changed)
-        self.stack = BreakerStore(self.chaos, self.breaker, raw=self.store)
+        self.stack = BreakerStore(self.chaos, self.breaker)
         return self.stack
 
     def _breaker_changed(self, state: int) -> None:
@@ -161,31 +156,29 @@ class Serving:
     async def reload(self, loaded: LoadedConfig) -> None:
         """Swap to a new, already validated config. Requests in flight finish on the runtime they started with;
         the store client, breaker and stale state are kept when `store` did not change."""
-        from .app import Runtime
-
         old, old_cfg, cfg = self.runtime, self.loaded.config, loaded.config
         assert old is not None and self.proxy is not None
         for key in ("listen", "workers", "access_log", "shutdown_grace", "admin"):
             if getattr(cfg, key) != getattr(old_cfg, key):
                 log.warning("reload: `%s` changed; it takes effect at the next restart", key)
         old_store = None
+        decisions = DecisionLog(self.writer, loaded.sha256)
         if cfg.store != old_cfg.store:
             old_store = self.store
             rehearsal = self.chaos.active() if self.chaos is not None else None
-            stack, local, keys = self._store_stack(cfg.store), None, KeyMemory()
+            memories = Memories(self._store_stack(cfg.store), decisions, upstreams=old.upstreams)
             if rehearsal is not None and self.chaos is not None:
                 self.chaos.fault = rehearsal  # an outage rehearsal goes on for what is left of it, on the new store
             for digest, at in old.keys.revoked().items():  # a revocation is about the key, whatever the store
-                keys.revoke(digest, at)
+                memories.keys.revoke(digest, at)
             if self.feed is not None:
                 await self.feed.stop()
                 self.feed = None
             self._start_feed(cfg.store)
             log.info("reload: `store` changed; new store client, breaker and stale state")
         else:
-            stack, local, keys = self.stack, old.local, old.keys
-        new = Runtime(loaded, stack, workers=self.workers, local=local, keys=keys,
-                      decisions=DecisionLog(self.writer, loaded.sha256), upstreams=old.upstreams)
+            memories = Memories(old.store, decisions, old.local, old.keys, old.upstreams)
+        new = Runtime(loaded, memories, workers=self.workers)
         self.proxy.runtime = self.runtime = new  # the atomic swap
         self.loaded = loaded
         self._server.header_timeout = cfg.limits.header_timeout

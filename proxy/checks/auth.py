@@ -1,35 +1,25 @@
 """The auth check (api_key): request facts in, the store's record (or a remembered one) out, a Verdict.
 
-The presented key is hashed (SHA-256) and looked up as `<prefix>apikey:<hex>` together with the store's epoch
-marker `<prefix>epoch`, in the same round trip as the route's rate limit. A missing marker means the store lost
+The presented key is hashed (SHA-256) and its record looked up together with the store's epoch marker (the
+layout is in keyspace.py), in the same round trip as the route's rate limit. A missing marker means the store lost
 its data (restart without persistence, flush, eviction): that is a store `error`, not a 401 for every valid key.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-
 import msgspec
 
 from ..config.schema import Auth
-from ..decision import Verdict
+from ..decision import Identity, Reason, Verdict
+from ..failmode import degraded, unchecked_allow, unchecked_deny
+from ..keyspace import digest_of, epoch_key, record_key
 from ..observe.metrics import data_lost
 from ..store.errors import StoreUnavailable
 from ..store.ops import GetOp
+from . import CheckKind
 from .memo import REVOKED, KeyMemory, Record
 
 _decode_record = msgspec.json.Decoder(Record).decode
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    principal: str
-    scopes: tuple[str, ...]
-
-
-def digest_of(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def parse_credential(value: str | None, scheme: str | None) -> str | None:
@@ -65,46 +55,70 @@ def parse_record(raw: bytes) -> Record:
         raise StoreUnavailable("error", f"malformed API-key record: {exc}", transport=False) from None
 
 
-class AuthCheck:
+class AuthCheck(CheckKind):
+    """The api_key check kind: its config compiled, its plan (a verdict reached without the store, or the
+    credential's hash to look up), its decide (the store's answer, or its failure through the fail-mode table)
+    and its stale memory (the remembered records, memo.py)."""
+
     name = "auth"
 
-    def __init__(self, route: str, cfg: Auth, *, key_prefix: str) -> None:
-        self.route = route
-        self.cfg = cfg
+    def __init__(self, route: str, cfg: Auth, *, key_prefix: str, retry_after: float) -> None:
+        super().__init__(route, cfg, retry_after)
+        self.cfg: Auth = cfg
         self.header = cfg.header
         self.scheme = cfg.scheme.lower() if cfg.scheme else None
         self.scopes = frozenset(cfg.scopes)
-        self.key_prefix = key_prefix + "apikey:"
-        self.epoch_key = key_prefix + "epoch"
-        self._epoch_op = GetOp(self.epoch_key)  # the same for every request: made once
+        self.key_prefix = key_prefix
+        self._epoch_op = GetOp(epoch_key(key_prefix))  # the same for every request: made once
         self.challenge = [("WWW-Authenticate", f'{cfg.scheme} realm="failgate"')] if cfg.scheme else []
+        self._missing = "missing credentials" if cfg.scheme is None else \
+            f"missing credentials ({cfg.scheme} <key> in {cfg.header})"
 
     def credential(self, headers: object) -> str | None:
         return parse_credential(headers.get(self.header), self.scheme)  # type: ignore[attr-defined]
 
+    # --- plan -------------------------------------------------------------------------------------------------
+    def plan(self, headers: object, memory: KeyMemory, now: float) -> tuple[Verdict | None, str | None]:
+        """(the verdict, when it needs no store: no credential, a pinned revocation, a `cache_for` answer) or
+        (None, the credential's hash, whose record and the epoch marker go in the round trip: `ops`)."""
+        credential = self.credential(headers)
+        if credential is None:
+            return self.unauthorized(self._missing), None
+        digest = digest_of(credential)
+        if memory.pinned(digest) or self.cfg.cache_for > 0:
+            cached = memory.get(digest)
+            if cached is not None and (cached[0] == REVOKED or now - cached[1] < self.cfg.cache_for):
+                return self.judge(cached[0], now), None
+        return None, digest
+
     def ops(self, digest: str) -> list[GetOp]:
-        return [GetOp(self.key_prefix + digest), self._epoch_op]
+        return [GetOp(record_key(self.key_prefix, digest)), self._epoch_op]
 
-    # --- verdicts ---------------------------------------------------------------------------------------------
-    def unauthorized(self, detail: str, **kw: object) -> Verdict:
-        return Verdict("auth", False, status=401, code="unauthorized", detail=detail, headers=list(self.challenge),
-                       **kw)  # type: ignore[arg-type]
+    # --- decide -----------------------------------------------------------------------------------------------
+    def decide(self, digest: str, answer: list[object] | StoreUnavailable, memory: KeyMemory, now: float) -> Verdict:
+        """The store's answer to `ops(digest)` (or its failure, decided by the fail-mode table) as a Verdict."""
+        if type(answer) is not StoreUnavailable:
+            assert isinstance(answer, list)
+            try:
+                return self.from_store(digest, answer[0], answer[1], memory, now)
+            except StoreUnavailable as exc:
+                answer = exc
+        assert isinstance(answer, StoreUnavailable)
 
-    def judge(self, record: Record | str, now: float, **kw: object) -> tuple[Verdict, Identity | None]:
-        """Apply this route's rules to a record (fresh from the store, cached, or remembered)."""
-        if record == REVOKED:
-            return self.unauthorized("the API key was revoked", **kw), None
-        assert isinstance(record, Record)
-        if record.expires_at is not None and record.expires_at <= now:
-            return self.unauthorized("the API key has expired", **kw), None
-        if not self.scopes.issubset(record.scopes):
-            missing = ", ".join(sorted(self.scopes.difference(record.scopes)))
-            return Verdict("auth", False, status=403, code="forbidden", detail=f"missing scope: {missing}",
-                           **kw), None  # type: ignore[arg-type]
-        return Verdict("auth", True, **kw), Identity(record.principal, tuple(record.scopes))  # type: ignore[arg-type]
+        def remembered(reason: Reason) -> Verdict:
+            entry = memory.get(digest)
+            if entry is not None and now - entry[1] <= self.cfg.stale_for:
+                return self.judge(entry[0], now, basis="stale", reason=reason, age=now - entry[1])
+            if self.cfg.stale_fallback == "open":
+                return unchecked_allow("auth", reason, basis="stale", fallback="open")
+            return unchecked_deny("auth", reason, status=self.cfg.status_on_error, retry_after=self.retry_after,
+                                  basis="stale", fallback="closed")
+
+        return degraded("auth", self.mode, answer, status=self.cfg.status_on_error, retry_after=self.retry_after,
+                        remembered=remembered)
 
     def from_store(self, digest: str, record_raw: object, epoch_raw: object, memory: KeyMemory,
-                   now: float) -> tuple[Verdict, Identity | None]:
+                   now: float) -> Verdict:
         """Raises StoreUnavailable("error") for a lost store or a malformed record."""
         for raw in (record_raw, epoch_raw):
             if isinstance(raw, StoreUnavailable):
@@ -115,8 +129,27 @@ class AuthCheck:
                                    "without persistence, flush or eviction)")
         if record_raw is None:
             memory.missing(digest, now)
-            return self.unauthorized("unknown API key"), None
+            return self.unauthorized("unknown API key")
         assert isinstance(record_raw, bytes)
         record = parse_record(record_raw)
         memory.confirmed(digest, record, now)
         return self.judge(record, now)
+
+    # --- verdicts ---------------------------------------------------------------------------------------------
+    def unauthorized(self, detail: str, **kw: object) -> Verdict:
+        return Verdict("auth", False, status=401, code="unauthorized", detail=detail, headers=list(self.challenge),
+                       **kw)  # type: ignore[arg-type]
+
+    def judge(self, record: Record | str, now: float, **kw: object) -> Verdict:
+        """Apply this route's rules to a record (fresh from the store, cached, or remembered)."""
+        if record == REVOKED:
+            return self.unauthorized("the API key was revoked", **kw)
+        assert isinstance(record, Record)
+        if record.expires_at is not None and record.expires_at <= now:
+            return self.unauthorized("the API key has expired", **kw)
+        if not self.scopes.issubset(record.scopes):
+            missing = ", ".join(sorted(self.scopes.difference(record.scopes)))
+            return Verdict("auth", False, status=403, code="forbidden", detail=f"missing scope: {missing}",
+                           **kw)  # type: ignore[arg-type]
+        return Verdict("auth", True, identity=Identity(record.principal, tuple(record.scopes)),
+                       **kw)  # type: ignore[arg-type]

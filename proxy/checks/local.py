@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from .algorithms import Outcome, run
+from ..store.ops import RateResult
+from .algorithms import run
 
 
 class LocalLimiter:
@@ -36,9 +37,9 @@ class LocalLimiter:
             keys.popitem(last=False)
 
     def decide(self, key: str, algorithm: str, limit: int, window: int, burst: int, share: float,
-               now_us: int) -> tuple[Outcome, float | None]:
-        """The local outcome and the age (seconds) of the store state this key's local count continues from, if
-        the store ever reported one."""
+               now_us: int) -> tuple[RateResult, float | None]:
+        """The local answer — the same type as the store's — and the age (seconds) of the store state this key's
+        local count continues from, if the store ever reported one."""
         local_limit = max(1, math.floor(limit * share))
         local_burst = max(1, math.floor(burst * share))
         keys = self._keys
@@ -57,7 +58,7 @@ class LocalLimiter:
                 state = _scaled(algorithm, store_state, share)  # type: ignore[arg-type]
         out = run(algorithm, state, now_us, local_limit, window, local_burst)  # type: ignore[arg-type]
         entry[2] = out.state
-        return out, age
+        return RateResult(out.allowed, out.remaining, out.reset_after / 1e6, out.retry_after / 1e6, out.state), age
 
 
 def _scaled(algorithm: str, state: tuple[int, ...], share: float) -> tuple[int, ...]:

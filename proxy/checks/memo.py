@@ -23,7 +23,7 @@ import msgspec
 
 
 class Record(msgspec.Struct, frozen=True):
-    """What the store holds under `<prefix>apikey:<sha256 hex>` (written by `failgate keys add`)."""
+    """A key's record in the store (keyspace.py; written by `failgate keys add`)."""
 
     principal: str
     scopes: list[str] = []
@@ -54,6 +54,10 @@ class KeyMemory:
         if entry is not None:
             self._entries.move_to_end(digest)
         return entry
+
+    def pinned(self, digest: str) -> bool:
+        """Is this hash a pinned revocation? (Free when there are none.)"""
+        return bool(self._revoked) and digest in self._revoked
 
     def revoke(self, digest: str, at: float) -> bool:
         """Pin a revocation; True when it is new here."""

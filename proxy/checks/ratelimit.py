@@ -1,6 +1,7 @@
-"""The rate_limit check: request facts in, one store operation out, the store's answer turned into a Verdict.
+"""The rate_limit check kind: its config compiled, its plan (a key and one store operation), its decide (the
+store's answer, or its failure through the fail-mode table, as a Verdict) and its stale memory (local.py).
 
-Keys (SPEC §7): `<prefix>rl:{<route>:<subject>}:<algorithm>:<window ms>`, where the subject is a hash of the
+Keys: `<prefix>rl:{<route>:<subject>}:<algorithm>:<window ms>`, where the subject is a hash of the
 client's address (IPv6 per /64), of a header's value, of the principal, or the route itself. Client input never
 appears in a key; the algorithm and window are part of it, so a changed limit never reads an incompatible value;
 the braces are a hash tag that keeps a check's keys in one cluster slot.
@@ -13,9 +14,13 @@ import ipaddress
 import math
 
 from ..config.schema import RateLimit
-from ..decision import Verdict
+from ..decision import Basis, Reason, Verdict
+from ..failmode import degraded
+from ..store.errors import StoreUnavailable
 from ..store.ops import RateOp, RateResult
+from . import CheckKind
 from .auth import credential_subject
+from .local import LocalLimiter
 
 
 def subject_hash(value: str) -> str:
@@ -47,13 +52,13 @@ def client_subject(address: str) -> str:
     return address
 
 
-class RateLimitCheck:
+class RateLimitCheck(CheckKind):
     name = "rate_limit"
 
-    def __init__(self, route: str, cfg: RateLimit, *, key_prefix: str, workers: int,
+    def __init__(self, route: str, cfg: RateLimit, *, key_prefix: str, workers: int, retry_after: float,
                  auth_header: str | None = None, auth_scheme: str | None = None) -> None:
-        self.route = route
-        self.cfg = cfg
+        super().__init__(route, cfg, retry_after)
+        self.cfg: RateLimit = cfg
         self.algorithm = cfg.algorithm
         self.limit = cfg.limit
         self.window = round(cfg.per * 1_000_000)
@@ -100,12 +105,32 @@ class RateLimitCheck:
             return self._fixed_op  # a `route` key: the same operation for every request, made once
         return RateOp(self.algorithm, key, self.limit, self.window, self.burst)
 
-    def verdict(self, result: RateResult) -> Verdict:
+    def decide(self, key: str, answer: RateResult | StoreUnavailable, memory: LocalLimiter, now: float) -> Verdict:
+        """The store's answer for `key` (or its failure, decided by the fail-mode table) as a Verdict."""
+        if type(answer) is not StoreUnavailable:
+            assert isinstance(answer, RateResult)
+            if self.mode == "stale":
+                memory.remember(key, answer.state, now)
+            return self.verdict(answer)
+        assert isinstance(answer, StoreUnavailable)
+
+        def local(reason: Reason) -> Verdict:
+            result, age = memory.decide(key, self.algorithm, self.limit, self.window, self.burst, self.local_share,
+                                        int(now * 1_000_000))
+            return self.verdict(result, basis="stale", reason=reason, age=age)
+
+        return degraded("rate_limit", self.mode, answer, status=self.cfg.status_on_error,
+                        retry_after=self.retry_after, remembered=local)
+
+    def verdict(self, result: RateResult, *, basis: Basis = "checked", reason: Reason | None = None,
+                age: float | None = None) -> Verdict:
+        """One answer — from the store, or enforced locally while it cannot answer — as a Verdict."""
         headers = [self.policy, ("RateLimit", f'"{self.route}";r={result.remaining};t={math.ceil(result.reset_after)}')]
         if result.allowed:
-            return Verdict("rate_limit", True, headers=headers)
+            return Verdict("rate_limit", True, basis=basis, reason=reason, headers=headers, age=age)
         retry = max(1, math.ceil(result.retry_after))
         headers.append(("Retry-After", str(retry)))
-        return Verdict("rate_limit", False, status=429, code="rate_limited",
-                       detail=f"rate limit of {self.limit} per {self.cfg.per:g}s exceeded; retry in {retry}s",
-                       headers=headers)
+        where = " (enforced locally while the store cannot answer)" if basis == "stale" else ""
+        return Verdict("rate_limit", False, basis=basis, reason=reason, status=429, code="rate_limited",
+                       detail=f"rate limit of {self.limit} per {self.cfg.per:g}s exceeded{where}; retry in {retry}s",
+                       headers=headers, age=age)

@@ -1,4 +1,5 @@
-"""Config: schema (msgspec Structs), loading with precise errors, validation. See SPEC §6."""
+"""Config: schema (msgspec Structs), loading with precise errors, validation. Every key is in the README's
+configuration reference."""
 
 from .errors import ConfigError
 from .load import LoadedConfig, load_file, load_text

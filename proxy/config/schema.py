@@ -1,4 +1,4 @@
-"""The config file's shape, as msgspec Structs (SPEC §6).
+"""The config file's shape, as msgspec Structs (the README's configuration reference lists every key).
 
 Decoding rejects unknown keys and wrong types with the path of the offending value; everything about *meaning*
 (cross references, ranges that depend on other keys) is checked afterwards in `validate.py`. Durations and sizes

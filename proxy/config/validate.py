@@ -12,6 +12,7 @@ from yarl import URL
 from ..routing import BadTarget, normalize_path
 from .errors import ConfigError
 from .schema import format_duration
+from .values import is_loopback, redact_url, resolve_workers
 
 if TYPE_CHECKING:
     from .load import LoadedConfig
@@ -19,24 +20,10 @@ if TYPE_CHECKING:
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token: header names, methods, schemes
 _SERVER = re.compile(r"^[!-~][ -~]{0,63}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 _FAIL_MODES = (
     "choose open (let requests through when the store cannot answer), closed (refuse them with "
     "status_on_error) or stale (reuse the last known good answer)"
 )
-
-
-def resolve_workers(workers: int | str) -> int:
-    return (os.cpu_count() or 1) if workers == "auto" else int(workers)
-
-
-def is_loopback(host: str) -> bool:
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def validate(loaded: LoadedConfig) -> None:
@@ -194,13 +181,3 @@ def _validate_rate_limit(route, rp, fail) -> None:  # type: ignore[no-untyped-de
             raise fail(f"{p}.key", "principal needs auth on the same route (the principal comes from it)")
     elif key not in ("client_ip", "route"):
         raise fail(f"{p}.key", f"expected one of: client_ip, header:<Name>, principal, route; got {key!r}")
-
-
-_PASSWORD_IN_URL = re.compile(r"(//[^:/@]*:)[^@/]*@")
-_PASSWORD_PARAM = re.compile(r"([?&][a-z_]*password=)[^&#]*", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """`redis://:secret@host/0?password=x` -> `redis://:***@host/0?password=***`: the userinfo password and every
-    `…password=` query parameter, for messages, /config, logs and `failgate check`."""
-    return _PASSWORD_PARAM.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", url))

@@ -1,4 +1,5 @@
-"""Prometheus metrics (SPEC §9). Labels come only from config names and fixed enums, never from client input.
+"""Prometheus metrics (the README's Metrics section lists them). Labels come only from config names and fixed
+enums, never from client input.
 
 In multi-worker mode each worker writes to prometheus-client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR
 must be set before this module is imported) and the parent aggregates them for `/metrics`.
@@ -11,11 +12,13 @@ import os
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as _mp
 from prometheus_client.registry import Collector
+
+from ..store.errors import Reason
 
 if TYPE_CHECKING:
     from ..decision import Verdict
@@ -194,8 +197,7 @@ class StoreMetrics:
     __slots__ = ("_by_result", "_duration")
 
     def __init__(self) -> None:
-        self._by_result = {r: incrementer(STORE_OPERATIONS.labels(r))
-                           for r in ("ok", "timeout", "unavailable", "error", "breaker_open")}
+        self._by_result = {r: incrementer(STORE_OPERATIONS.labels(r)) for r in ("ok", *get_args(Reason))}
         self._duration = FastHistogram(STORE_DURATION)
 
     def observe(self, result: str, seconds: float) -> None:

@@ -1,4 +1,4 @@
-"""The store boundary (SPEC §3, §4): one small protocol, `memory://` and `redis://` behind it, every failure
+"""The store boundary: one small protocol, `memory://` and `redis://` behind it, every failure
 translated into StoreUnavailable(reason) here and nowhere else."""
 
 from __future__ import annotations

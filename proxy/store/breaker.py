@@ -1,4 +1,4 @@
-"""The circuit breaker (SPEC §4), one per process, in front of the store.
+"""The circuit breaker, one per process, in front of the store.
 
 closed     every call goes to the store; `failures` consecutive transport failures open it.
 open       no call touches or waits for the store: StoreUnavailable("breaker_open") at once, for `open_for`.
@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..observe.metrics import StoreMetrics
 from .errors import StoreUnavailable
 from .ops import Op
 
@@ -65,6 +66,12 @@ class Breaker:
             self.opened_at = self.clock()
             self._set(OPEN)
 
+    def abandon(self) -> None:
+        """The call that was the half-open probe will never report back (its request went away): let the next
+        call be the probe, rather than keeping the breaker shut."""
+        if self.state == HALF_OPEN:
+            self._probe_out = False
+
     def _set(self, state: int) -> None:
         if state != self.state:
             log.warning("store breaker %s -> %s (%d consecutive failures)", NAMES[self.state], NAMES[state],
@@ -75,63 +82,61 @@ class Breaker:
 
 
 class BreakerStore:
-    """A Store whose calls pass through the breaker. `inner` may be a chaos switch over `raw`: while no fault is
-    set, calls go to `raw` directly (one coroutine less on every request)."""
+    """The one way to call the store: every round trip passes the breaker and is counted in the store metrics.
+    `inner` is the chaos switch over the client (chaos.py); while no fault is set it hands the client's own
+    future back, so a checked request still suspends once."""
 
-    def __init__(self, inner: Any, breaker: Breaker, raw: Any = None) -> None:
+    def __init__(self, inner: Any, breaker: Breaker, metrics: StoreMetrics | None = None) -> None:
         self.inner = inner
-        self.raw = raw if raw is not None else inner
         self.breaker = breaker
+        self.metrics = metrics if metrics is not None else StoreMetrics()
 
-    # The pipeline calls begin / settle / abandon itself: one coroutine level less on every checked request
-    # (execute, below, is the same thing as one coroutine, for every other caller).
-    def begin(self, ops: Sequence[Op]) -> Awaitable[list[Any]]:
-        """Raises StoreUnavailable("breaker_open") at once when the breaker refuses; otherwise the store call to
-        await, whose outcome the caller must report with `settle` (an answer or a StoreUnavailable) or `abandon`
-        (cancelled: the client went away)."""
-        if not self.breaker.allow():
-            raise StoreUnavailable("breaker_open", "the store breaker is open")
-        target = self.raw if getattr(self.inner, "fault", None) is None else self.inner
-        return target.execute(ops)  # type: ignore[no-any-return]
-
-    def settle(self, results: list[Any] | None, failure: StoreUnavailable | None) -> None:
+    async def round_trip(self, ops: Sequence[Op]) -> tuple[list[Any] | None, StoreUnavailable | None]:
+        """(the results, None) or (None, why the store could not answer). Never raises StoreUnavailable."""
         breaker = self.breaker
-        if failure is not None:
-            if not failure.transport:
-                breaker.success()
-                return
-            trip = failure.trip
-            if trip is None:
-                breaker.failure()
-            elif not trip.counted:
-                trip.counted = True
-                breaker.failure()
-            return
-        assert results is not None
+        started = time.perf_counter()
+        if not breaker.allow():
+            self.metrics.observe("breaker_open", time.perf_counter() - started)
+            return None, StoreUnavailable("breaker_open", "the store breaker is open")
+        try:
+            results = await self.inner.execute(ops)
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            self.metrics.observe(exc.reason, time.perf_counter() - started)
+            return None, exc
+        except BaseException:
+            breaker.abandon()  # the caller went away: a probe must not stay out forever
+            raise
         for r in results:
-            if type(r) is StoreUnavailable and r.transport:
+            if type(r) is StoreUnavailable and r.transport:  # a server-wide error reply (LOADING, OOM, …)
                 breaker.failure()
-                return
-        if breaker.consecutive or breaker.state != CLOSED:
-            breaker.success()
-
-    def abandon(self) -> None:
-        """The probe, if this call was it, must not stay out forever."""
-        if self.breaker.state == HALF_OPEN:
-            self.breaker._probe_out = False
+                break
+        else:
+            if breaker.consecutive or breaker.state != CLOSED:
+                breaker.success()
+        self.metrics.observe("ok", time.perf_counter() - started)
+        return results, None
 
     async def execute(self, ops: Sequence[Op]) -> list[Any]:
-        call = self.begin(ops)
-        try:
-            results = await call
-        except StoreUnavailable as exc:
-            self.settle(None, exc)
-            raise
-        except BaseException:
-            self.abandon()
-            raise
-        self.settle(results, None)
+        """`round_trip` for callers that want the results or an exception."""
+        results, failure = await self.round_trip(ops)
+        if failure is not None:
+            raise failure
+        assert results is not None
         return results
+
+    def _failed(self, failure: StoreUnavailable) -> None:
+        breaker = self.breaker
+        if not failure.transport:
+            breaker.success()
+            return
+        trip = failure.trip
+        if trip is None:
+            breaker.failure()
+        elif not trip.counted:
+            trip.counted = True
+            breaker.failure()
 
     async def close(self) -> None:
         await self.inner.close()
+

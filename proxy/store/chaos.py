@@ -1,4 +1,4 @@
-"""The game-day switch (`admin.chaos: true`, SPEC §9): make this process's store behave as if it failed.
+"""The game-day switch (`admin.chaos: true`): make this process's store behave as if it failed.
 
 hang    every call waits store.timeout and fails with `timeout` (what a SIGSTOPped Redis does)
 refuse  every call fails at once with `unavailable` (a dead Redis)
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,10 +63,14 @@ class ChaosStore:
             self.fault = fault = None
         return fault
 
-    async def execute(self, ops: Sequence[Op]) -> list[Any]:
+    def execute(self, ops: Sequence[Op]) -> Awaitable[list[Any]]:
+        """While no fault is set: the client's own awaitable, untouched (no coroutine of our own per call)."""
         fault = self.active()
         if fault is None:
-            return await self.inner.execute(ops)  # type: ignore[no-any-return]
+            return self.inner.execute(ops)  # type: ignore[no-any-return]
+        return self._faulty(fault, ops)
+
+    async def _faulty(self, fault: Fault, ops: Sequence[Op]) -> list[Any]:
         if fault.kind == "refuse":
             raise StoreUnavailable("unavailable", "chaos: refuse")
         if fault.kind == "hang" or fault.delay >= self.timeout:

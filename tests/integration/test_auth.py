@@ -1,4 +1,4 @@
-"""API-key auth through the real proxy on a real redis-server; the keys CLI (SPEC §2, §3, §5, §6)."""
+"""API-key auth through the real proxy on a real redis-server; the keys CLI."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Chaos tests (SPEC §3-§5, §9): real redis-server killed, paused, slowed and restarted under the real proxy; every
+"""Chaos tests: real redis-server killed, paused, slowed and restarted under the real proxy; every
 route does what its YAML says, the breaker opens and recovers, and every degraded decision is tagged, counted
 and logged."""
 

@@ -1,4 +1,4 @@
-"""End to end through the real proxy listener to a real aiohttp upstream on loopback (SPEC §4, §7, §8)."""
+"""End to end through the real proxy listener to a real aiohttp upstream on loopback."""
 
 from __future__ import annotations
 

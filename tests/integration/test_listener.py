@@ -1,4 +1,4 @@
-"""Slow clients cannot starve others: limits.header_timeout and limits.max_connections (SPEC §6)."""
+"""Slow clients cannot starve others: limits.header_timeout and limits.max_connections."""
 
 from __future__ import annotations
 

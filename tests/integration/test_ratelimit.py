@@ -1,4 +1,4 @@
-"""Rate limiting through the real proxy, on a real redis-server and on memory:// (SPEC §2, §7, §8)."""
+"""Rate limiting through the real proxy, on a real redis-server and on memory://."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Config reload with last-known-good (SPEC §9): bad files never take traffic down."""
+"""Config reload with last-known-good: bad files never take traffic down."""
 
 from __future__ import annotations
 

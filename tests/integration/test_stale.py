@@ -17,9 +17,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.checks.auth import digest_of
 from proxy.config import load_text
 from proxy.keys import add
+from proxy.keyspace import digest_of
 from proxy.observe.metrics import REGISTRY
 from tests.helpers import ROOT, InProcessProxy, ProxyProcess, Upstream, config_text, raw_request, read_response
 from tests.redis_server import RedisServer

@@ -1,4 +1,4 @@
-"""TLS: the HTTPS listener, and upstream certificates verified unless `tls_verify: false` (SPEC §6)."""
+"""TLS: the HTTPS listener, and upstream certificates verified unless `tls_verify: false`."""
 
 from __future__ import annotations
 

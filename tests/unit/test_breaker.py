@@ -125,7 +125,7 @@ async def test_a_probe_whose_request_is_cancelled_does_not_keep_the_breaker_shut
 
     from multidict import CIMultiDict
 
-    from proxy.app import Runtime
+    from proxy.compiled import Runtime
     from proxy.config import load_text
     from proxy.pipeline import run_checks
     from proxy.store.breaker import BreakerStore

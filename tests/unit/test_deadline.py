@@ -83,23 +83,24 @@ async def test_within_raises_timeout_only_past_the_budget() -> None:
     assert time.monotonic() - started >= 0.02
 
 
-class Never:
-    def __init__(self) -> None:
-        self.calls = 0
+class Failing:
+    """A store whose every call fails with one shared failure: what 40 calls expiring in one pass look like."""
+
+    def __init__(self, failure: StoreUnavailable) -> None:
+        self.failure = failure
 
     def execute(self, ops: object) -> asyncio.Future[list[object]]:
-        self.calls += 1
-        return asyncio.get_running_loop().create_future()
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(self.failure)
+        return future
 
 
-def test_failures_of_one_round_trip_count_once_for_the_breaker() -> None:
+async def test_failures_of_one_round_trip_count_once_for_the_breaker() -> None:
     breaker = Breaker(3, 10.0)
-    store = BreakerStore(Never(), breaker)
-    trip = Trip()
-    shared = StoreUnavailable("timeout", "40 calls expired in one pass", trip=trip)
+    shared = BreakerStore(Failing(StoreUnavailable("timeout", "40 calls expired in one pass", trip=Trip())), breaker)
     for _ in range(40):
-        store.settle(None, shared)
+        assert (await shared.round_trip([]))[1] is shared.inner.failure
     assert breaker.state != OPEN and breaker.consecutive == 1
     for _ in range(2):  # two more failed round trips (each its own trip) open it
-        store.settle(None, StoreUnavailable("unavailable", "connection lost", trip=Trip()))
+        await BreakerStore(Failing(StoreUnavailable("unavailable", "lost", trip=Trip())), breaker).round_trip([])
     assert breaker.state == OPEN

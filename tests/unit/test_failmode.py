@@ -1,97 +1,191 @@
-"""The fail-mode table: every row."""
+"""The fail-mode table, every row, through the real check pipeline without a socket: check kind x on_store_error x
+outcome (answered, each failure reason, breaker open) x remembered state. The store is a stand-in that answers or
+fails on demand; the breaker, the checks, the memories and the verdicts are the real ones."""
 
 from __future__ import annotations
 
-from proxy.checks.algorithms import Outcome
-from proxy.failmode import closed, rate_limit_open, rate_limit_stale
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
 
-POLICY = ("RateLimit-Policy", '"r";q=10;w=60')
+import pytest
+from multidict import CIMultiDict
 
+from proxy.checks.memo import Record
+from proxy.compiled import Runtime
+from proxy.config import load_text
+from proxy.failmode import TABLE, readme_table
+from proxy.keyspace import digest_of
+from proxy.pipeline import run_checks
+from proxy.store.breaker import OPEN, Breaker, BreakerStore
+from proxy.store.errors import StoreUnavailable
+from proxy.store.ops import RateResult
 
-def test_open_allows_and_tags() -> None:
-    v = rate_limit_open("timeout")
-    assert (v.allow, v.basis, v.reason, v.headers) == (True, "open", "timeout", [])
-    assert v.tag() == "rate_limit;mode=open;reason=timeout"
-
-
-def test_closed_denies_with_status_and_retry_after() -> None:
-    v = closed("rate_limit", "breaker_open", status=503, retry_after=2.0)
-    assert (v.allow, v.basis, v.status, v.code) == (False, "closed", 503, "store_unavailable")
-    assert v.headers == [("Retry-After", "2")]
-    assert closed("auth", "timeout", status=429, retry_after=0.25).headers == [("Retry-After", "1")]
-    assert v.tag() == "rate_limit;mode=closed;reason=breaker_open"
-
-
-def test_stale_uses_the_local_outcome() -> None:
-    ok = Outcome(True, 4, 30_000_000, 0, (1, 6), 30_000_000)
-    v = rate_limit_stale("unavailable", ok, route="r", policy=POLICY, limit=10, age=42.7)
-    assert (v.allow, v.basis, v.age) == (True, "stale", 42.7)
-    assert v.headers == [POLICY, ("RateLimit", '"r";r=4;t=30')]
-    assert v.tag() == "rate_limit;mode=stale;reason=unavailable;age=42"
-    no = Outcome(False, 0, 30_000_000, 1_500_000, (1, 10), 30_000_000)
-    v = rate_limit_stale("timeout", no, route="r", policy=POLICY, limit=10, age=None)
-    assert (v.allow, v.status, v.code) == (False, 429, "rate_limited")
-    assert ("Retry-After", "2") in v.headers
-    assert v.tag() == "rate_limit;mode=stale;reason=timeout"
+ROOT = Path(__file__).resolve().parent.parent.parent
+FAILURES = ("timeout", "unavailable", "error", "breaker_open")
 
 
-# --- auth rows ---------------------------------------------------------------------------------------------------
+class Store:
+    """Answers each call with `answer(ops)`, or fails with `failure`."""
 
-def _judge():  # type: ignore[no-untyped-def]
-    from proxy.checks.auth import AuthCheck
-    from proxy.config.schema import Auth
+    def __init__(self) -> None:
+        self.failure: StoreUnavailable | None = None
+        self.records: dict[str, bytes] = {}
+        self.calls = 0
 
-    check = AuthCheck("pay", Auth(type="api_key", scopes=["pay"], on_store_error="stale", stale_fallback="closed"),
-                      key_prefix="fg:")
-    return check.judge
+    def execute(self, ops: list[Any]) -> asyncio.Future[list[Any]]:
+        self.calls += 1
+        future = asyncio.get_running_loop().create_future()
+        if self.failure is not None:
+            future.set_exception(self.failure)
+            return future
+        out: list[Any] = []
+        for op in ops:
+            if type(op).__name__ == "GetOp":
+                out.append(b"1" if op.key.endswith("epoch") else self.records.get(op.key))
+            else:
+                window = int(time.time() * 1_000_000) // 60_000_000  # fixed_window state: (window, count)
+                out.append(RateResult(True, 9, 60.0, 0.0, (window, 1)))
+        future.set_result(out)
+        return future
 
-
-def test_auth_open_allows_with_no_principal() -> None:
-    from proxy.failmode import auth_open
-
-    v = auth_open("timeout")
-    assert (v.allow, v.basis, v.tag()) == (True, "open", "auth;mode=open;reason=timeout")
-
-
-def test_auth_stale_uses_a_remembered_record_within_stale_for() -> None:
-    from proxy.checks.memo import Record
-    from proxy.failmode import auth_stale
-
-    rec = Record(principal="ann", scopes=["pay", "x"])
-    v, ident = auth_stale("unavailable", (rec, 100.0), now=130.0, stale_for=60, fallback="closed", status=503,
-                          retry_after=2, judge=_judge())
-    assert (v.allow, v.basis, v.age, ident.principal if ident else None) == (True, "stale", 30.0, "ann")
-    assert v.tag() == "auth;mode=stale;reason=unavailable;age=30"
-
-
-def test_auth_stale_applies_the_route_rules_to_the_remembered_record() -> None:
-    from proxy.checks.memo import REVOKED, Record
-    from proxy.failmode import auth_stale
-
-    judge = _judge()
-    revoked, _ = auth_stale("timeout", (REVOKED, 100.0), now=101.0, stale_for=60, fallback="open", status=503,
-                            retry_after=2, judge=judge)
-    assert (revoked.allow, revoked.status, revoked.basis) == (False, 401, "stale")
-    weak, _ = auth_stale("timeout", (Record(principal="b", scopes=["x"]), 100.0), now=101.0, stale_for=60,
-                         fallback="open", status=503, retry_after=2, judge=judge)
-    assert (weak.allow, weak.status) == (False, 403)
-    expired, _ = auth_stale("timeout", (Record(principal="c", scopes=["pay"], expires_at=100.5), 100.0), now=101.0,
-                            stale_for=60, fallback="open", status=503, retry_after=2, judge=judge)
-    assert (expired.allow, expired.status) == (False, 401)
+    async def close(self) -> None:
+        pass
 
 
-def test_auth_stale_falls_back_when_nothing_is_remembered_or_it_is_too_old() -> None:
-    from proxy.checks.memo import Record
-    from proxy.failmode import auth_stale
+def runtime(kind: str, mode: str, fallback: str = "closed") -> tuple[Runtime, Store, Breaker]:
+    if kind == "auth":
+        extra = f"stale_for: 1m, stale_fallback: {fallback}, " if mode == "stale" else ""
+        check = f"auth: {{type: api_key, {extra}scopes: [pay], on_store_error: {mode}}}"
+    else:
+        check = f"rate_limit: {{limit: 10, per: 1m, algorithm: fixed_window, key: route, on_store_error: {mode}}}"
+    loaded = load_text(f"""version: 1
+upstreams: {{api: {{url: "http://127.0.0.1:9"}}}}
+routes:
+  - {{name: r, match: {{path: /}}, upstream: api, {check}}}
+""", "t.yaml")
+    store, breaker = Store(), Breaker(1000, 5.0)
+    return Runtime(loaded, BreakerStore(store, breaker)), store, breaker
 
-    old = (Record(principal="d", scopes=["pay"]), 100.0)
-    for remembered in (None, old):
-        closed_v, ident = auth_stale("timeout", remembered, now=200.0, stale_for=60, fallback="closed", status=503,
-                                     retry_after=2.0, judge=_judge())
-        assert (closed_v.allow, closed_v.status, closed_v.code, ident) == (False, 503, "store_unavailable", None)
-        assert closed_v.tag() == "auth;mode=stale;reason=timeout;fallback=closed"
-        assert ("Retry-After", "2") in closed_v.headers
-        open_v, ident = auth_stale("timeout", remembered, now=200.0, stale_for=60, fallback="open", status=503,
-                                   retry_after=2.0, judge=_judge())
-        assert (open_v.allow, open_v.basis, ident) == (True, "stale", None)
-        assert open_v.tag() == "auth;mode=stale;reason=timeout;fallback=open"
+
+async def decide(rt: Runtime, key: str = "k") -> Any:
+    route = rt.router.match("GET", None, "/")
+    return await run_checks(rt, route, CIMultiDict({"Authorization": key}), "10.0.0.1")  # type: ignore[arg-type]
+
+
+def failing(store: Store, breaker: Breaker, reason: str) -> None:
+    if reason == "breaker_open":
+        breaker.failure()
+        breaker.threshold = 1
+        breaker.failure()
+        assert breaker.state == OPEN
+    else:
+        store.failure = StoreUnavailable(reason)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reason", FAILURES)
+@pytest.mark.parametrize("kind", ["auth", "rate_limit"])
+async def test_open_allows_untagged_by_anything_but_its_reason(kind: str, reason: str) -> None:
+    rt, store, breaker = runtime(kind, "open")
+    failing(store, breaker, reason)
+    d = await decide(rt)
+    (v,) = d.verdicts
+    assert (v.allow, v.basis, v.reason, v.headers, d.identity) == (True, "open", reason, [], None)
+    assert v.tag() == f"{kind};mode=open;reason={reason}"
+    assert store.calls == (0 if reason == "breaker_open" else 1)  # an open breaker does not ask
+
+
+@pytest.mark.parametrize("reason", FAILURES)
+@pytest.mark.parametrize("kind", ["auth", "rate_limit"])
+async def test_closed_denies_with_status_and_retry_after(kind: str, reason: str) -> None:
+    rt, store, breaker = runtime(kind, "closed")
+    failing(store, breaker, reason)
+    d = await decide(rt)
+    (v,) = d.verdicts
+    assert (v.allow, v.basis, v.reason, v.status, v.code) == (False, "closed", reason, 503, "store_unavailable")
+    assert v.headers == [("Retry-After", "2")] and d.deny is v
+    assert v.tag() == f"{kind};mode=closed;reason={reason}"
+
+
+@pytest.mark.parametrize("reason", FAILURES)
+async def test_rate_limit_stale_enforces_locally_from_the_last_state(reason: str) -> None:
+    rt, store, breaker = runtime("rate_limit", "stale")
+    (v,) = (await decide(rt)).verdicts  # answered: remembered as the last state (1 of 10 used)
+    assert (v.basis, v.headers[1]) == ("checked", ("RateLimit", '"r";r=9;t=60'))
+    failing(store, breaker, reason)
+    allowed = []
+    for _ in range(12):
+        (v,) = (await decide(rt)).verdicts
+        assert (v.basis, v.reason) == ("stale", reason) and v.age is not None
+        allowed.append(v.allow)
+    assert allowed == [True] * 9 + [False] * 3  # continued from the store's count, not from zero
+    assert (v.status, v.code) == (429, "rate_limited")
+    assert 1 <= int(dict(v.headers)["Retry-After"]) <= 60
+
+
+@pytest.mark.parametrize("reason", FAILURES)
+async def test_rate_limit_stale_with_nothing_remembered_starts_from_an_empty_bucket(reason: str) -> None:
+    rt, store, breaker = runtime("rate_limit", "stale")
+    failing(store, breaker, reason)
+    verdicts = [(await decide(rt)).verdicts[0] for _ in range(11)]
+    assert [v.allow for v in verdicts] == [True] * 10 + [False]
+    assert all(v.basis == "stale" and v.age is None for v in verdicts)
+
+
+def remember(store: Store, key: str, record: Record) -> None:
+    import msgspec
+
+    store.records[f"failgate:apikey:{digest_of(key)}"] = msgspec.json.encode(record)
+
+
+@pytest.mark.parametrize("reason", FAILURES)
+@pytest.mark.parametrize(("record", "expected"), [
+    (Record(principal="ann", scopes=["pay"]), (True, 200)),
+    (Record(principal="bob", scopes=["other"]), (False, 403)),
+    (Record(principal="cat", scopes=["pay"], expires_at=1.0), (False, 401)),
+])
+async def test_auth_stale_applies_the_route_rules_to_the_remembered_record(reason: str, record: Record,
+                                                                          expected: tuple[bool, int]) -> None:
+    rt, store, breaker = runtime("auth", "stale")
+    remember(store, "k", record)
+    first = (await decide(rt)).verdicts[0]
+    assert first.basis == "checked"
+    failing(store, breaker, reason)
+    d = await decide(rt)
+    (v,) = d.verdicts
+    assert (v.allow, v.status if not v.allow else 200, v.basis, v.reason) == (*expected, "stale", reason)
+    assert v.age is not None and v.tag().startswith(f"auth;mode=stale;reason={reason};age=")
+    assert (d.identity is not None) == v.allow
+
+
+@pytest.mark.parametrize("reason", FAILURES)
+async def test_auth_stale_keeps_a_revoked_key_refused(reason: str) -> None:
+    rt, store, breaker = runtime("auth", "stale")
+    remember(store, "k", Record(principal="ann", scopes=["pay"]))
+    assert (await decide(rt)).verdicts[0].allow
+    store.records.clear()  # revoked: the store now has no record for it
+    assert (await decide(rt)).verdicts[0].status == 401
+    failing(store, breaker, reason)
+    (v,) = (await decide(rt)).verdicts
+    assert (v.allow, v.status, v.basis) == (False, 401, "stale")
+
+
+@pytest.mark.parametrize("reason", FAILURES)
+@pytest.mark.parametrize("fallback", ["open", "closed"])
+async def test_auth_stale_with_nothing_remembered_applies_the_fallback(reason: str, fallback: str) -> None:
+    rt, store, breaker = runtime("auth", "stale", fallback)
+    failing(store, breaker, reason)
+    (v,) = (await decide(rt, "never-seen")).verdicts
+    assert (v.allow, v.basis, v.fallback) == (fallback == "open", "stale", fallback)
+    assert v.tag() == f"auth;mode=stale;reason={reason};fallback={fallback}"
+    if fallback == "closed":
+        assert (v.status, v.headers) == (503, [("Retry-After", "2")])
+
+
+def test_every_row_of_the_table_is_tested_and_printed_in_the_readme() -> None:
+    assert set(TABLE) == {(kind, mode) for kind in ("auth", "rate_limit") for mode in ("open", "closed", "stale")}
+    readme = (ROOT / "README.md").read_text()
+    assert readme_table() in readme, "README.md must print proxy/failmode.py's table (readme_table())"
+    assert re.search(r"\| auth \| `stale` \|", readme)

@@ -10,7 +10,7 @@ from proxy.config.schema import Duration, RateLimit
 
 def check(key: str, algorithm: str = "sliding_window", per: float = 60.0) -> RateLimitCheck:
     cfg = RateLimit(limit=10, per=Duration(per), key=key, algorithm=algorithm, on_store_error="open")  # type: ignore[arg-type]
-    return RateLimitCheck("search", cfg, key_prefix="fg:", workers=2)
+    return RateLimitCheck("search", cfg, key_prefix="fg:", workers=2, retry_after=2.0)
 
 
 def test_ipv6_clients_share_a_bucket_per_64() -> None:

@@ -1,4 +1,4 @@
-"""Normalization and matching rules of SPEC §7, one table row per rule."""
+"""Normalization and matching rules of the README's "How requests are handled", one table row per rule."""
 
 from __future__ import annotations
 

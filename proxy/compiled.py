@@ -1,0 +1,150 @@
+"""A compiled config (`Runtime`): routes, their checks and upstreams, and the per-request settings — built once
+from a validated config, and swapped whole on reload, so a request in flight never sees its config change.
+
+What outlives a config is not built here: the `Memories` (the store stack, the stale memories, upstream pools,
+the decision log) are made by the serving process and handed in, and a reload hands the same ones to the next
+`Runtime` when they still fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import dataclass, field
+
+from aiohttp import web_response
+
+from .checks.auth import AuthCheck
+from .checks.local import LocalLimiter
+from .checks.memo import KeyMemory
+from .checks.ratelimit import RateLimitCheck
+from .config import LoadedConfig
+from .config.values import resolve_workers
+from .forward import HOP_BY_HOP, SPOOFABLE, UpstreamClient
+from .observe.decisionlog import DecisionLog, LogWriter
+from .observe.metrics import RouteMetrics
+from .routing import Router, compile_match
+from .store.breaker import BreakerStore
+
+# Failgate's own identity headers: a client must never be able to send them upstream. Always removed from what
+# clients send, whatever `headers.degraded` renames the tag to: an upstream that once read the default name must
+# not be fooled by a client copy of it after a rename.
+OWN_HEADERS = ("failgate-degraded", "x-failgate-principal", "x-failgate-scopes", "x-failgate-plan")
+
+
+@dataclass
+class Memories:
+    """The process-wide state a config is compiled against: kept across reloads while it still fits."""
+
+    store: BreakerStore
+    decisions: DecisionLog
+    local: LocalLimiter = field(default_factory=LocalLimiter)  # rate-limit state for `stale`
+    keys: KeyMemory = field(default_factory=KeyMemory)  # API-key answers for `cache_for` and `stale`
+    upstreams: dict[str, UpstreamClient] = field(default_factory=dict)  # pools, by upstream name
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    upstream: UpstreamClient
+    prefix_chars: int  # characters of the matched prefix to remove before forwarding; 0 without strip_prefix
+    preserve_host: bool
+    metrics: RouteMetrics
+    auth: AuthCheck | None
+    rate_limit: RateLimitCheck | None
+    drop_credentials: str | None  # the credential header, when forward_credentials is false
+
+
+class Runtime:
+    """One compiled config."""
+
+    def __init__(self, loaded: LoadedConfig, memories: Memories | BreakerStore, *, workers: int | None = None) -> None:
+        if isinstance(memories, BreakerStore):  # a bare store stack: fresh memories around it
+            memories = Memories(memories, DecisionLog(LogWriter(), loaded.sha256))
+        cfg = loaded.config
+        self.loaded = loaded
+        self.memories = memories
+        self.store = memories.store
+        self.decisions = memories.decisions
+        self.local = memories.local
+        self.keys = memories.keys
+        workers = workers or resolve_workers(cfg.workers)
+        # An upstream whose settings did not change keeps its pooled session across a reload.
+        reuse = memories.upstreams
+        self.upstreams = {name: reuse[name] if name in reuse and reuse[name].cfg == up else UpstreamClient(name, up)
+                          for name, up in cfg.upstreams.items()}
+        self.active = 0  # requests in flight on this runtime
+        self._drained: asyncio.Event | None = None
+        retry_after = cfg.store.breaker.open_for
+        prefix = cfg.store.key_prefix
+        entries = []
+        for r in cfg.routes:
+            m = compile_match(r.match.path, r.match.prefix, r.match.methods, r.match.host)
+            prefix_chars = len(m.path) if r.strip_prefix and m.path != "/" else 0
+            limit = auth = None
+            if r.rate_limit is not None:
+                limit = RateLimitCheck(r.name, r.rate_limit, key_prefix=prefix, workers=workers,
+                                       retry_after=retry_after,
+                                       auth_header=r.auth.header if r.auth is not None else None,
+                                       auth_scheme=r.auth.scheme if r.auth is not None else None)
+            if r.auth is not None:
+                auth = AuthCheck(r.name, r.auth, key_prefix=prefix, retry_after=retry_after)
+            drop = r.auth.header.lower() if r.auth is not None and not r.auth.forward_credentials else None
+            route = Route(r.name, self.upstreams[r.upstream], prefix_chars, cfg.upstreams[r.upstream].preserve_host,
+                          RouteMetrics(r.name), auth, limit, drop)
+            entries.append((m, route))
+        self.router: Router = Router(entries)
+        self.trusted = [ipaddress.ip_network(c, strict=False) for c in cfg.trusted_proxies]
+        self.request_id_header = cfg.headers.request_id
+        self.degraded_header = cfg.headers.degraded
+        self.max_body = cfg.limits.max_body
+        self.max_header_size = cfg.limits.max_header_size
+        # aiohttp names itself and Python's version in the Server header of every response unless told otherwise.
+        web_response.SERVER_SOFTWARE = cfg.headers.server
+        # Request headers never passed on as the client sent them (Failgate sets its own) — and, from a peer that
+        # trusted_proxies does not vouch for, also the headers a client could use to lie about itself.
+        self.drop_headers = frozenset(
+            [cfg.headers.degraded.lower(), *OWN_HEADERS, "host", "x-forwarded-host", "x-forwarded-for",
+             cfg.headers.request_id.lower(), "expect"]
+        ) | HOP_BY_HOP
+        self.drop_headers_untrusted = self.drop_headers | SPOOFABLE
+        self.own_headers = frozenset([cfg.headers.degraded.lower(), *OWN_HEADERS])
+
+    async def close(self, keep: set[UpstreamClient] | None = None) -> None:
+        for up in self.upstreams.values():
+            if keep is None or up not in keep:
+                await up.close()
+
+    async def drained(self) -> None:
+        """Wait until no request started on this runtime is still in flight (after a swap)."""
+        if self.active == 0:
+            return
+        self._drained = asyncio.Event()
+        await self._drained.wait()
+
+    def finished(self) -> None:
+        self.active -= 1
+        if self.active == 0 and self._drained is not None:
+            self._drained.set()
+
+    def is_trusted_peer(self, peer: str | None) -> bool:
+        return bool(self.trusted) and peer is not None and self._is_trusted(peer)
+
+    def client_address(self, peer: str | None, xff: list[str]) -> str:
+        """The rightmost address not in `trusted_proxies` (the peer itself when it is not trusted)."""
+        if peer is None:
+            return ""
+        if not self.trusted or not self._is_trusted(peer):
+            return peer
+        hops = [h.strip() for v in xff for h in v.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._is_trusted(hop):
+                return hop
+        return hops[0] if hops else peer
+
+    def _is_trusted(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
