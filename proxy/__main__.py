@@ -83,7 +83,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         loaded = load_file(args.config)
         if args.keys_command == "add":
             scopes = [s.strip() for s in args.scopes.split(",") if s.strip()] if args.scopes else []
-            key, digest = keys.add(loaded, args.principal, scopes, args.expires)
+            key, digest = keys.add(loaded, args.principal, scopes, args.expires, args.plan)
             print(key)
             print(f"stored for {args.principal} (hash {digest[:12]}…); this key is shown once and never again",
                   file=sys.stderr)
@@ -129,14 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("keys", help="manage API keys in the config's store")
     keys_sub = p.add_subparsers(dest="keys_command", required=True)
     k = keys_sub.add_parser("add", help="create a key; prints it once")
-    k.add_argument("--principal", required=True)
-    k.add_argument("--scopes", default="", help="comma-separated")
-    k.add_argument("--expires", default=None, help="a duration such as 30d")
-    k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-    k = keys_sub.add_parser("revoke", help="delete a key (the key itself, or its 64-hex hash)")
+    k.add_argument("--principal", required=True, help="who the key belongs to (sent upstream as X-Failgate-Principal)")
+    k.add_argument("--scopes", default="", help="comma-separated scopes the key grants, such as payments:write")
+    k.add_argument("--expires", default=None, help="a duration such as 30d (default: never)")
+    k.add_argument("--plan", default=None, help="the plan whose quotas apply to it, for limits with `plans`")
+    k.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    k = keys_sub.add_parser("revoke", help="revoke a key everywhere (the key, its hash, or a unique hash prefix)")
     k.add_argument("key")
     k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-    k = keys_sub.add_parser("list", help="principal, scopes, expiry and hash prefix of every key")
+    k = keys_sub.add_parser("list", help="principal, scopes, plan, expiry and hash prefix of every key")
     k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_keys)
 

@@ -8,6 +8,7 @@ travels in one small `Facts` object, not in aiohttp's request mapping.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import time
@@ -17,7 +18,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
 
 from .compiled import Route, Runtime
-from .decision import Decision, Identity
+from .decision import Decision, Identity, Verdict
 from .forward import ClientGone, Outgoing, UpstreamFailed, upstream_headers
 from .listener import MalformedLog
 from .observe.decisionlog import LogWriter
@@ -36,6 +37,28 @@ _rid_counter = itertools.count(1)
 
 def _next_request_id() -> str:
     return f"{_RID_PREFIX}{next(_rid_counter):012x}"
+
+
+def _rate_limit_fields(verdicts: list[Verdict], reply: list[tuple[str, str]]) -> int:
+    """The IETF RateLimit fields of every limit that reported a quota (checked, or enforced locally), into
+    `reply`; returns the Retry-After of a 429: the largest among the denying limits. The fields never contradict
+    one another: `r` never exceeds `q`, and no denying limit's `t` is below that Retry-After."""
+    quotas = [v for v in verdicts if v.quota is not None]
+    if not quotas:
+        return 0
+    retry = max((max(1, math.ceil(v.quota.retry_after)) for v in quotas if not v.allow), default=0)  # type: ignore[union-attr]
+    policies, remaining = [], []
+    for v in quotas:
+        q = v.quota
+        assert q is not None
+        t = math.ceil(q.reset_after)
+        if not v.allow:
+            t = max(t, retry)
+        policies.append(f'"{q.policy}";q={q.q};w={q.w}')
+        remaining.append(f'"{q.policy}";r={q.r};t={t}')
+    reply.append(("RateLimit-Policy", ", ".join(policies)))
+    reply.append(("RateLimit", ", ".join(remaining)))
+    return retry
 
 
 @dataclass(slots=True)
@@ -88,7 +111,7 @@ class Proxy:
                 route, target, authority = routed
                 tag = identity = denied = None
                 reply: list[tuple[str, str]] = []
-                if route.auth is not None or route.rate_limit is not None:
+                if route.checked:
                     facts.client = rt.client_address(request.remote, request.headers.getall("X-Forwarded-For", []))
                     decision = facts.decision = await run_checks(rt, route, request.headers, facts.client)
                     identity = decision.identity
@@ -213,19 +236,22 @@ class Proxy:
     def _decided(decision: Decision, reply: list[tuple[str, str]], rt: Runtime, route: Route,
                  rid: str) -> tuple[str | None, web.Response | None]:
         """Headers of the verdicts into `reply`; the degraded tag; the deny response, if any."""
+        deny = decision.deny
         for v in decision.verdicts:
-            if v is not decision.deny:
+            if v is not deny:
                 reply.extend(v.headers)
+        retry = _rate_limit_fields(decision.verdicts, reply)
         tag = None
         degraded = [v.tag() for v in decision.verdicts if v.degraded]
         if degraded:
             tag = ", ".join(degraded)
             reply.append((rt.degraded_header, tag))
-        deny = decision.deny
         if deny is None:
             return tag, None
         extra = dict(reply)
         extra.update(deny.headers)
+        if deny.quota is not None:
+            extra["Retry-After"] = str(retry)
         return tag, error_response(deny.status, deny.detail, route=route.name, request_id=rid,
                                    request_id_header=rt.request_id_header, code=deny.code, headers=extra)
 
@@ -242,6 +268,8 @@ class Proxy:
         if identity is not None:
             out_headers["X-Failgate-Principal"] = identity.principal
             out_headers["X-Failgate-Scopes"] = ",".join(identity.scopes)
+            if identity.plan is not None:
+                out_headers["X-Failgate-Plan"] = identity.plan
         if route.drop_credentials is not None:
             out_headers.popall(route.drop_credentials, None)
         if route.upstream.authorization is not None:  # the upstream's own credentials, from its URL

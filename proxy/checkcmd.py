@@ -26,7 +26,7 @@ def describe(loaded: LoadedConfig) -> str:
         up = cfg.upstreams[r.upstream]
         strip = " (prefix stripped)" if r.strip_prefix else ""
         lines.append(f"  [{i}] {r.name}: {methods} {path}{host} -> {r.upstream} {up.url}{strip}")
-        if r.auth is None and r.rate_limit is None:
+        if r.auth is None and not r.limits:
             lines.append("      no checks")
         inherited = loaded.inherited
         if r.auth is not None:
@@ -40,12 +40,17 @@ def describe(loaded: LoadedConfig) -> str:
             scopes = f" scopes {','.join(a.scopes)}" if a.scopes else ""
             lines.append(f"      auth: api_key in {a.header}{' ' + a.scheme if a.scheme else ''}{scopes}; "
                          f"on_store_error {a.on_store_error} ({how}){extra}")
-        if r.rate_limit is not None:
-            rl = r.rate_limit
-            how = _how(inherited.get((i, "rate_limit"), frozenset()), "on_store_error")
+        for j, rl in enumerate(r.limits):
+            where = (i, f"rate_limit[{j}]") if isinstance(r.rate_limit, list) else (i, "rate_limit")
+            how = _how(inherited.get(where, frozenset()), "on_store_error")
             extra = f", status {rl.status_on_error}" if rl.on_store_error == "closed" else ""
-            lines.append(f"      rate_limit: {rl.limit} per {format_duration(rl.per)} ({rl.algorithm}) by "
-                         f"{rl.key}; on_store_error {rl.on_store_error} ({how}){extra}")
+            label = f"rate_limit.{rl.name}" if rl.name else "rate_limit"
+            plans = ""
+            if rl.plans:
+                plans = " plans " + ", ".join(f"{plan}={quota}" for plan, quota in rl.plans.items()) + ";"
+            shadow = " (shadow: counted, never denies)" if rl.shadow else ""
+            lines.append(f"      {label}: {rl.limit} per {format_duration(rl.per)} ({rl.algorithm}) by "
+                         f"{rl.key};{plans} on_store_error {rl.on_store_error} ({how}){extra}{shadow}")
     warns = warnings(loaded)
     if warns:
         lines.append("warnings:")
@@ -97,7 +102,7 @@ def _fall_through(routes: Any, matches: list[RouteMatch]) -> list[str]:
                     break
         for j, methods in escapes.items():
             weaker = [kind for kind in ("auth", "rate_limit")
-                      if getattr(routes[i], kind) is not None and getattr(routes[j], kind) is None]
+                      if getattr(routes[i], kind) is not None and getattr(routes[j], kind) is None]  # (any limit)
             if weaker:
                 out.append(f"routes[{i}] ({routes[i].name}) accepts only {', '.join(sorted(m.methods))}: "
                            f"{', '.join(methods)} {m.path} fall through to routes[{j}] ({routes[j].name}), "

@@ -17,7 +17,7 @@ from aiohttp import web_response
 from .checks.auth import AuthCheck
 from .checks.local import LocalLimiter
 from .checks.memo import KeyMemory
-from .checks.ratelimit import RateLimitCheck
+from .checks.ratelimit import LimitGroup, RateLimitCheck
 from .config import LoadedConfig
 from .config.values import resolve_workers
 from .forward import HOP_BY_HOP, SPOOFABLE, UpstreamClient
@@ -51,8 +51,12 @@ class Route:
     preserve_host: bool
     metrics: RouteMetrics
     auth: AuthCheck | None
-    rate_limit: RateLimitCheck | None
+    limits: tuple[LimitGroup, ...]  # the route's rate limits, grouped by the key they count by
     drop_credentials: str | None  # the credential header, when forward_credentials is false
+
+    @property
+    def checked(self) -> bool:
+        return self.auth is not None or bool(self.limits)
 
 
 class Runtime:
@@ -81,17 +85,20 @@ class Runtime:
         for r in cfg.routes:
             m = compile_match(r.match.path, r.match.prefix, r.match.methods, r.match.host)
             prefix_chars = len(m.path) if r.strip_prefix and m.path != "/" else 0
-            limit = auth = None
-            if r.rate_limit is not None:
-                limit = RateLimitCheck(r.name, r.rate_limit, key_prefix=prefix, workers=workers,
-                                       retry_after=retry_after,
-                                       auth_header=r.auth.header if r.auth is not None else None,
-                                       auth_scheme=r.auth.scheme if r.auth is not None else None)
+            auth = None
+            by_key: dict[str, list[RateLimitCheck]] = {}
+            for cfg_limit in r.limits:
+                by_key.setdefault(cfg_limit.key, []).append(
+                    RateLimitCheck(r.name, cfg_limit, retry_after=retry_after, workers=workers))
+            groups = tuple(LimitGroup(r.name, limits, key_prefix=prefix,
+                                      auth_header=r.auth.header if r.auth is not None else None,
+                                      auth_scheme=r.auth.scheme if r.auth is not None else None)
+                           for limits in by_key.values())
             if r.auth is not None:
                 auth = AuthCheck(r.name, r.auth, key_prefix=prefix, retry_after=retry_after)
             drop = r.auth.header.lower() if r.auth is not None and not r.auth.forward_credentials else None
             route = Route(r.name, self.upstreams[r.upstream], prefix_chars, cfg.upstreams[r.upstream].preserve_host,
-                          RouteMetrics(r.name), auth, limit, drop)
+                          RouteMetrics(r.name), auth, groups, drop)
             entries.append((m, route))
         self.router: Router = Router(entries)
         self.trusted = [ipaddress.ip_network(c, strict=False) for c in cfg.trusted_proxies]

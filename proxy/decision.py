@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 Basis = Literal["checked", "open", "closed", "stale"]
 
-__all__ = ["Basis", "Decision", "Identity", "Reason", "Verdict"]
+__all__ = ["Basis", "Decision", "Identity", "Quota", "Reason", "Verdict"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +21,19 @@ class Identity:
 
     principal: str
     scopes: tuple[str, ...]
+    plan: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A rate limit's answer as the IETF RateLimit fields report it (draft-ietf-httpapi-ratelimit-headers)."""
+
+    policy: str  # the policy's name
+    q: int  # the quota that applied
+    w: int  # its window, seconds
+    r: int  # what is left of it (never above q)
+    reset_after: float  # seconds until the quota is whole again
+    retry_after: float  # seconds until a request would be admitted; 0 when admitted
 
 
 @dataclass(slots=True)
@@ -36,10 +49,17 @@ class Verdict:
     age: float | None = None  # seconds, stale only
     fallback: str | None = None  # stale had nothing and stale_fallback applied
     identity: Identity | None = None  # an allowing auth verdict: who
+    quota: Quota | None = None  # a rate limit's fields (checked, or enforced locally)
+    shadow_deny: bool = False  # a shadow limit that would have denied: reported, never enforced
 
     @property
     def degraded(self) -> bool:
         return self.basis != "checked"
+
+    @property
+    def decision(self) -> str:
+        """As metrics and the decision log say it: allow, deny, or shadow_deny."""
+        return "shadow_deny" if self.shadow_deny else "allow" if self.allow else "deny"
 
     def tag(self) -> str:
         """This verdict as one RFC 8941 list item of the degraded header."""

@@ -38,13 +38,14 @@ TABLE: dict[tuple[str, str], Rule] = {
 
 
 def degraded(kind: str, mode: str, failure: StoreUnavailable, *, status: int, retry_after: float,
-             remembered: Callable[[Reason], Verdict]) -> Verdict:
-    """The verdict of a `kind` check whose dependency failed with `failure`, by its `on_store_error` `mode`."""
+             remembered: Callable[[Reason], Verdict], check: str | None = None) -> Verdict:
+    """The verdict of a `kind` check (named `check`: `rate_limit.burst`) whose dependency failed with `failure`,
+    by its `on_store_error` `mode`."""
     rule = TABLE[(kind, mode)]
     if rule.outcome == "allow":
-        return unchecked_allow(kind, failure.reason, basis="open")
+        return unchecked_allow(check or kind, failure.reason, basis="open")
     if rule.outcome == "deny":
-        return unchecked_deny(kind, failure.reason, status=status, retry_after=retry_after)
+        return unchecked_deny(check or kind, failure.reason, status=status, retry_after=retry_after)
     return remembered(failure.reason)
 
 

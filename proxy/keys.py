@@ -54,7 +54,8 @@ def _run(loaded: LoadedConfig, fn: Any) -> Any:
         client.close()
 
 
-def add(loaded: LoadedConfig, principal: str, scopes: list[str], expires: str | None) -> tuple[str, str]:
+def add(loaded: LoadedConfig, principal: str, scopes: list[str], expires: str | None,
+        plan: str | None = None) -> tuple[str, str]:
     """Store a new key's record; returns (key, digest)."""
     expires_at = None
     if expires:
@@ -65,7 +66,9 @@ def add(loaded: LoadedConfig, principal: str, scopes: list[str], expires: str | 
     key = new_key()
     digest = digest_of(key)
     prefix = loaded.config.store.key_prefix
-    record = Record(principal=principal, scopes=scopes, expires_at=expires_at)
+    if plan is not None and not re.match(r"^[a-z0-9_-]{1,32}$", plan):
+        raise KeysError(f"--plan: a plan name is 1-32 of a-z, 0-9, '_' and '-', got {plan!r}")
+    record = Record(principal=principal, scopes=scopes, expires_at=expires_at, plan=plan)
 
     def write(client: redis.Redis) -> None:
         pipe = client.pipeline(transaction=True)
@@ -128,11 +131,12 @@ def list_keys(loaded: LoadedConfig) -> list[tuple[str, Record | None]]:
 def format_list(items: list[tuple[str, Record | None]]) -> str:
     if not items:
         return "no API keys in the store"
-    lines = [f"{'principal':<24} {'scopes':<32} {'expires':<20} hash"]
+    lines = [f"{'principal':<24} {'scopes':<32} {'plan':<12} {'expires':<20} hash"]
     for digest, rec in items:
         if rec is None:
-            lines.append(f"{'(malformed record)':<24} {'':<32} {'':<20} {digest[:12]}")
+            lines.append(f"{'(malformed record)':<24} {'':<32} {'':<12} {'':<20} {digest[:12]}")
             continue
         expiry = "never" if rec.expires_at is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(rec.expires_at))
-        lines.append(f"{rec.principal:<24} {','.join(rec.scopes) or '-':<32} {expiry:<20} {digest[:12]}")
+        lines.append(f"{rec.principal:<24} {','.join(rec.scopes) or '-':<32} {rec.plan or '-':<12} {expiry:<20} "
+                     f"{digest[:12]}")
     return "\n".join(lines)

@@ -1,13 +1,14 @@
 """The checks of one request: plan → one round trip → decide.
 
-Auth first, then rate_limit; the first deny wins. The plan step (each check kind's `plan`, pure) turns the route,
-the request's headers and what is remembered into the operations for the store; one await sends them all
+Auth first, then the rate limits; the first deny wins. The plan step (each check kind's `plan`, pure) turns the
+route, the request's headers and what is remembered into the operations for the store; one await sends them all
 (through the breaker: `BreakerStore.round_trip`); the decide step (each check kind's `decide`, pure) turns the
 answers — or the failure, through the fail-mode table (failmode.py) — into verdicts, in check order.
 
-A rate limit keyed by `principal` needs auth's answer first: it goes in a second round trip of its own (skipped
-when auth denied). Every other limit rides in the first one, so a request denied by auth still counts against a
-`client_ip`, `header:` or `route` limit (it slows down credential guessing).
+Limits that need auth's answer first — keyed by `principal`, or with `plans` — go in a second round trip of their
+own (skipped when auth denied), unless auth was answered without the store (`cache_for`). Every other limit rides
+in the first one, so a request denied by auth still counts against a `client_ip`, `header:` or `route` limit (it
+slows down credential guessing).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 from .decision import Decision
 
 if TYPE_CHECKING:
+    from .checks.ratelimit import LimitGroup, Planned
     from .compiled import Route, Runtime
 
 
 async def run_checks(rt: Runtime, route: Route, headers: Any, client: str) -> Decision:
     now = time.time()
-    auth, limit = route.auth, route.rate_limit
+    auth = route.auth
     decision = Decision()
 
     # --- plan ---
@@ -33,10 +35,18 @@ async def run_checks(rt: Runtime, route: Route, headers: Any, client: str) -> De
         auth_verdict, digest = auth.plan(headers, rt.keys, now)
         if digest is not None:
             ops += auth.ops(digest)
-    key = None
-    if limit is not None and limit.key_kind != "principal":
-        key = limit.key(client, headers, None)
-        ops.append(limit.op(key))
+    known = auth is None or auth_verdict is not None  # auth's answer (or that there is none) is already known
+    identity = auth_verdict.identity if auth_verdict is not None else None
+    first: list[tuple[LimitGroup, Planned | None, int]] = []
+    later: list[LimitGroup] = []
+    for group in route.limits:
+        if group.needs_auth and not known:
+            later.append(group)
+            continue
+        planned = _plan(group, headers, client, identity)
+        first.append((group, planned, len(ops)))
+        if planned is not None:
+            ops.append(planned.op)
 
     # --- one round trip ---
     results: list[Any] | None = None
@@ -50,16 +60,28 @@ async def run_checks(rt: Runtime, route: Route, headers: Any, client: str) -> De
             assert digest is not None
             auth_verdict = auth.decide(digest, failure or results, rt.keys, now)  # type: ignore[arg-type]
         decision.add(route.metrics, auth_verdict)
-    if limit is None:
-        return decision
-    if key is not None:
-        answer = failure or results[-1]  # type: ignore[index]
-    elif decision.deny is None:  # a principal limit: a second round trip, with auth's answer
-        principal = decision.identity.principal if decision.identity is not None else None
-        key = limit.key(client, headers, principal)
-        second, failure = await rt.store.round_trip([limit.op(key)])
-        answer = failure or second[0]  # type: ignore[index]
-    else:
-        return decision  # denied by auth: a principal limit has nothing to count
-    decision.add(route.metrics, limit.decide(key, answer, rt.local, now))
+    for group, planned, at in first:
+        if planned is not None:
+            for verdict in group.decide(planned, failure or results[at], rt.local, now):  # type: ignore[index]
+                decision.add(route.metrics, verdict)
+    if not later or decision.deny is not None:
+        return decision  # (denied by auth: a principal limit has nothing to count)
+
+    # --- the limits that needed auth's answer: a second round trip ---
+    second = [(group, _plan(group, headers, client, decision.identity)) for group in later]
+    ops = [planned.op for _, planned in second if planned is not None]
+    if ops:
+        results, failure = await rt.store.round_trip(ops)
+    at = 0
+    for group, planned in second:
+        if planned is not None:
+            for verdict in group.decide(planned, failure or results[at], rt.local, now):  # type: ignore[index]
+                decision.add(route.metrics, verdict)
+            at += 1
     return decision
+
+
+def _plan(group: LimitGroup, headers: Any, client: str, identity: Any) -> Planned | None:
+    principal = identity.principal if identity is not None else None
+    plan = identity.plan if identity is not None else None
+    return group.plan(group.key(client, headers, principal), plan)

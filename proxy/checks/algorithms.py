@@ -1,7 +1,9 @@
 """The three rate-limit algorithms as pure functions on a small state tuple. No I/O, no clock of their own.
 
-The memory store runs them directly; the Lua scripts in `proxy/store/scripts/` are line-for-line the same
-arithmetic, so both stores give the same answers (the same test cases run against both). Times are integer
+The memory store runs them directly; the Lua script `proxy/store/scripts/limits.lua` is line-for-line the same
+arithmetic, so both stores give the same answers (the same test cases run against both). `together` decides
+several limits on one subject at once, as that script does: nothing is consumed unless every limit that is not a
+shadow admits the request. Times are integer
 microseconds; a window is `window` microseconds long.
 
 - fixed_window   state (window_index, count): at most `limit` admitted per aligned window.
@@ -76,3 +78,47 @@ def run(algorithm: str, state: tuple[int, ...] | None, now: int, limit: int, win
     if algorithm == "sliding_window":
         return sliding_window(state, now, limit, window)
     return gcra(state, now, limit, window, burst)
+
+
+# The single letters the Lua script knows the algorithms by.
+CODES = {"fixed_window": "f", "sliding_window": "s", "gcra": "g"}
+STATE_SIZE = {"fixed_window": 2, "sliding_window": 3, "gcra": 1}
+
+
+class Spec(NamedTuple):
+    """One limit as the store evaluates it."""
+
+    algorithm: str
+    limit: int
+    window: int  # µs
+    burst: int
+    shadow: bool = False
+
+
+def together(specs: list[Spec], states: list[tuple[int, ...] | None],
+             now: int) -> list[tuple[Outcome, bool]]:
+    """Decide every limit, then commit (the bool) each allowed one only when every non-shadow limit allowed; an
+    allowed outcome that is not committed reports what it would have left (remaining + 1) and the state as it was."""
+    outs = [run(s.algorithm, state, now, s.limit, s.window, s.burst) for s, state in zip(specs, states, strict=True)]
+    admitted = all(out.allowed for s, out in zip(specs, outs, strict=True) if not s.shadow)
+    result = []
+    for s, state, out in zip(specs, states, outs, strict=True):
+        if not out.allowed:
+            result.append((out, False))
+        elif admitted:
+            result.append((out, True))
+        else:
+            result.append((out._replace(remaining=out.remaining + 1, state=_before(s, state, now)), False))
+    return result
+
+
+def _before(s: Spec, state: tuple[int, ...] | None, now: int) -> tuple[int, ...]:
+    """A state as the algorithm reads it at `now` (what the script reports when it writes nothing)."""
+    if s.algorithm == "gcra":
+        return (max(state[0], now) if state else now,)
+    idx = now // s.window
+    if s.algorithm == "fixed_window":
+        return (idx, state[1] if state and state[0] == idx else 0)
+    if state and state[0] == idx:
+        return (idx, state[1], state[2])
+    return (idx, 0, state[1] if state and state[0] == idx - 1 else 0)

@@ -151,5 +151,5 @@ class AuthCheck(CheckKind):
             missing = ", ".join(sorted(self.scopes.difference(record.scopes)))
             return Verdict("auth", False, status=403, code="forbidden", detail=f"missing scope: {missing}",
                            **kw)  # type: ignore[arg-type]
-        return Verdict("auth", True, identity=Identity(record.principal, tuple(record.scopes)),
+        return Verdict("auth", True, identity=Identity(record.principal, tuple(record.scopes), record.plan),
                        **kw)  # type: ignore[arg-type]

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from ..store.ops import RateResult
-from .algorithms import run
+from ..store.ops import RateOp, RateResult
+from .algorithms import Spec, together
 
 
 class LocalLimiter:
@@ -38,27 +38,43 @@ class LocalLimiter:
 
     def decide(self, key: str, algorithm: str, limit: int, window: int, burst: int, share: float,
                now_us: int) -> tuple[RateResult, float | None]:
-        """The local answer — the same type as the store's — and the age (seconds) of the store state this key's
-        local count continues from, if the store ever reported one."""
-        local_limit = max(1, math.floor(limit * share))
-        local_burst = max(1, math.floor(burst * share))
+        """One limit: the local answer — the same type as the store's — and the age (seconds) of the store state
+        this key's local count continues from, if the store ever reported one."""
+        return self.decide_together([(RateOp(algorithm, key, limit, window, burst), share)], now_us)[0]
+
+    def decide_together(self, limits: list[tuple[RateOp, float]], now_us: int) -> list[tuple[RateResult, float | None]]:
+        """Several limits on one subject (each op with its `local_share`), decided together as the store decides
+        them: nothing is counted unless every limit that is not a shadow admits the request."""
         keys = self._keys
-        entry = keys.get(key)
-        age = None
-        if entry is None:
-            entry = keys[key] = [None, 0.0, None]
-            if len(keys) > self._max:
-                keys.popitem(last=False)
-        else:
-            keys.move_to_end(key)
-        store_state, at, state = entry
-        if store_state is not None:
-            age = max(0.0, now_us / 1e6 - at)  # type: ignore[operator]
-            if state is None:
-                state = _scaled(algorithm, store_state, share)  # type: ignore[arg-type]
-        out = run(algorithm, state, now_us, local_limit, window, local_burst)  # type: ignore[arg-type]
-        entry[2] = out.state
-        return RateResult(out.allowed, out.remaining, out.reset_after / 1e6, out.retry_after / 1e6, out.state), age
+        specs: list[Spec] = []
+        states: list[tuple[int, ...] | None] = []
+        entries, ages = [], []
+        for op, share in limits:
+            entry = keys.get(op.key)
+            if entry is None:
+                entry = keys[op.key] = [None, 0.0, None]
+                if len(keys) > self._max:
+                    keys.popitem(last=False)
+            else:
+                keys.move_to_end(op.key)
+            store_state, at, state = entry
+            age = None
+            if store_state is not None:
+                age = max(0.0, now_us / 1e6 - at)  # type: ignore[operator]
+                if state is None:
+                    state = _scaled(op.algorithm, store_state, share)  # type: ignore[arg-type]
+            specs.append(Spec(op.algorithm, max(1, math.floor(op.limit * share)), op.window,
+                              max(1, math.floor(op.burst * share)), op.shadow))
+            states.append(state)  # type: ignore[arg-type]
+            entries.append(entry)
+            ages.append(age)
+        answers = []
+        for entry, age, (out, committed) in zip(entries, ages, together(specs, states, now_us), strict=True):
+            if committed:
+                entry[2] = out.state
+            answers.append((RateResult(out.allowed, out.remaining, out.reset_after / 1e6, out.retry_after / 1e6,
+                                       out.state, committed), age))
+        return answers
 
 
 def _scaled(algorithm: str, state: tuple[int, ...], share: float) -> tuple[int, ...]:

@@ -28,6 +28,7 @@ class Record(msgspec.Struct, frozen=True):
     principal: str
     scopes: list[str] = []
     expires_at: float | None = None  # unix seconds
+    plan: str | None = None  # picks the quota of limits with `plans`
 
 
 REVOKED: Final = "revoked"

@@ -1,10 +1,15 @@
-"""The rate_limit check kind: its config compiled, its plan (a key and one store operation), its decide (the
-store's answer, or its failure through the fail-mode table, as a Verdict) and its stale memory (local.py).
+"""The rate_limit check kind: its config compiled (`RateLimitCheck`, one limit), its plan and decide per subject
+(`LimitGroup`: every limit of a route counted by the same key, decided together), its stale memory (local.py).
 
-Keys: `<prefix>rl:{<route>:<subject>}:<algorithm>:<window ms>`, where the subject is a hash of the
-client's address (IPv6 per /64), of a header's value, of the principal, or the route itself. Client input never
-appears in a key; the algorithm and window are part of it, so a changed limit never reads an incompatible value;
-the braces are a hash tag that keeps a check's keys in one cluster slot.
+A route has one limit or a list of named ones. Limits counted by the same key (`client_ip`, one `header:`,
+`principal`, `route`) form a group: one store operation for all of them, decided atomically — a request one limit
+denies consumes nothing from the others; a `shadow` limit is counted and reported but never denies. Limits on
+different keys are independent. A limit with `plans` takes its quota from the credential's plan.
+
+Keys: `<prefix>rl:{<route>:<subject>}[:<name>][@<plan>]:<algorithm>:<window ms>`, where the subject is a hash of
+the client's address (IPv6 per /64), of a header's value (a credential as auth reads it), of the principal, or
+the route itself. Client input never appears in a key; the algorithm and window are part of it, so a changed
+limit never reads an incompatible value; the braces are a hash tag that keeps a subject's keys in one cluster slot.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 from ..config.schema import RateLimit
-from ..decision import Basis, Reason, Verdict
+from ..decision import Basis, Quota, Reason, Verdict
 from ..failmode import degraded
 from ..store.errors import StoreUnavailable
-from ..store.ops import RateOp, RateResult
+from ..store.ops import LimitsOp, Op, RateOp, RateResult
 from . import CheckKind
 from .auth import credential_subject
 from .local import LocalLimiter
@@ -52,18 +59,81 @@ def client_subject(address: str) -> str:
     return address
 
 
+UNLIMITED = -1  # a plan's quota that skips the limit (and its store call)
+
+
+class Planned(NamedTuple):
+    """A subject's store operation, with the limit behind each of its parts."""
+
+    op: Op
+    limits: tuple[RateLimitCheck, ...]
+    ops: tuple[RateOp, ...]
+
+
 class RateLimitCheck(CheckKind):
+    """One limit, compiled."""
+
     name = "rate_limit"
 
-    def __init__(self, route: str, cfg: RateLimit, *, key_prefix: str, workers: int, retry_after: float,
-                 auth_header: str | None = None, auth_scheme: str | None = None) -> None:
+    def __init__(self, route: str, cfg: RateLimit, *, retry_after: float, workers: int) -> None:
         super().__init__(route, cfg, retry_after)
         self.cfg: RateLimit = cfg
+        self.check = f"rate_limit.{cfg.name}" if cfg.name else "rate_limit"  # in metrics, tags, the log
+        self.policy = f"{route}.{cfg.name}" if cfg.name else route  # the IETF policy name
         self.algorithm = cfg.algorithm
         self.limit = cfg.limit
         self.window = round(cfg.per * 1_000_000)
+        self.window_s = max(1, math.ceil(cfg.per))
         self.burst = cfg.burst or cfg.limit
-        self.key_kind, _, self.header = cfg.key.partition(":")
+        self.shadow = cfg.shadow
+        self.local_share = cfg.local_share if cfg.local_share is not None else 1.0 / workers
+        self.plans = {plan: UNLIMITED if quota == "unlimited" else int(quota)
+                      for plan, quota in (cfg.plans or {}).items()}
+        self._tail = f"{':' + cfg.name if cfg.name else ''}%s:{cfg.algorithm}:{round(cfg.per * 1000)}"
+
+    def quota(self, plan: str | None) -> tuple[int, str | None]:
+        """(the limit that applies, the plan it came from) — `limit` for no plan or one `plans` does not name."""
+        if plan is not None and plan in self.plans:
+            return self.plans[plan], plan
+        return self.limit, None
+
+    def op(self, subject_key: str, plan: str | None) -> RateOp | None:
+        limit, from_plan = self.quota(plan)
+        if limit == UNLIMITED:
+            return None
+        # gcra's bucket: `burst`, or the plan's quota when a plan picked it; the other algorithms have none
+        burst = self.burst if self.algorithm == "gcra" and from_plan is None else limit
+        return RateOp(self.algorithm, subject_key + self._tail % (f"@{from_plan}" if from_plan else ""), limit,
+                      self.window, burst, shadow=self.shadow)
+
+    def verdict(self, op: RateOp, result: RateResult, *, basis: Basis = "checked", reason: Reason | None = None,
+                age: float | None = None) -> Verdict:
+        """One answer — from the store, or enforced locally while it cannot answer — as a Verdict."""
+        q = op.burst if op.algorithm == "gcra" else op.limit  # what the quota is: a gcra bucket holds `burst`
+        quota = Quota(self.policy, q, self.window_s, min(result.remaining, q), result.reset_after,
+                      0.0 if result.allowed else result.retry_after)
+        if result.allowed:
+            return Verdict(self.check, True, basis=basis, reason=reason, age=age, quota=quota)
+        if self.shadow:
+            return Verdict(self.check, True, basis=basis, reason=reason, age=age, quota=quota, shadow_deny=True)
+        where = " (enforced locally while the store cannot answer)" if basis == "stale" else ""
+        retry = max(1, math.ceil(result.retry_after))
+        return Verdict(self.check, False, basis=basis, reason=reason, status=429, code="rate_limited",
+                       detail=f"rate limit {self.policy} of {op.limit} per {self.cfg.per:g}s exceeded{where}; "
+                              f"retry in {retry}s", age=age, quota=quota)
+
+
+class LimitGroup:
+    """The limits of one route counted by one key: planned and decided together."""
+
+    def __init__(self, route: str, limits: list[RateLimitCheck], *, key_prefix: str, auth_header: str | None,
+                 auth_scheme: str | None) -> None:
+        self.route = route
+        self.limits = limits
+        first = limits[0].cfg
+        self.key_kind, _, self.header = first.key.partition(":")
+        # Needs auth's answer first: the principal, or the plan that picks a quota.
+        self.needs_auth = self.key_kind == "principal" or any(limit.plans for limit in limits)
         # A credential header is counted as auth reads it, never by its raw bytes: `bearer K` and `Bearer  K`
         # must not be two buckets. The route's auth header uses the route's scheme.
         low = self.header.lower()
@@ -72,18 +142,15 @@ class RateLimitCheck(CheckKind):
             self._credential = (auth_scheme.lower() if auth_scheme else None,)
         elif low in ("authorization", "proxy-authorization"):
             self._credential = (None,)
-        self.local_share = cfg.local_share if cfg.local_share is not None else 1.0 / workers
         self._key_head = f"{key_prefix}rl:{{{route}:"
-        self._key_tail = f"}}:{cfg.algorithm}:{round(cfg.per * 1000)}"
-        self._fixed_key: str | None = None
-        self._fixed_op: RateOp | None = None
-        if self.key_kind == "route":
-            self._fixed_key = self._key_head + "route" + self._key_tail
-            self._fixed_op = RateOp(cfg.algorithm, self._fixed_key, cfg.limit, self.window, self.burst)
-        window_s = max(1, math.ceil(cfg.per))
-        self.policy = ("RateLimit-Policy", f'"{route}";q={cfg.limit};w={window_s}')
+        self._fixed_key = self._key_head + "route}" if self.key_kind == "route" else None
+        # the same operation for every request of a `route` key without plans: made once
+        self._fixed = self._plan(self._fixed_key, None) if self._fixed_key is not None and not self.needs_auth \
+            else None
 
+    # --- plan -------------------------------------------------------------------------------------------------
     def key(self, client: str, headers: object, principal: str | None) -> str:
+        """The subject's key stem (each limit adds its own tail)."""
         if self._fixed_key is not None:
             return self._fixed_key
         if self.key_kind == "client_ip":
@@ -98,39 +165,51 @@ class RateLimitCheck(CheckKind):
                 subject = "h:" + subject_hash(value)
         else:  # principal; unknown (auth decided degraded) falls back to the client address
             subject = "p:" + subject_hash(principal) if principal else client_key(client)
-        return self._key_head + subject + self._key_tail
+        return self._key_head + subject + "}"
 
-    def op(self, key: str) -> RateOp:
-        if key is self._fixed_key and self._fixed_op is not None:
-            return self._fixed_op  # a `route` key: the same operation for every request, made once
-        return RateOp(self.algorithm, key, self.limit, self.window, self.burst)
+    def plan(self, key: str, plan: str | None) -> Planned | None:
+        """The store operation for this subject, and which limit each part is (None: every limit is unlimited
+        for this plan — nothing to ask)."""
+        if self._fixed is not None:
+            return self._fixed
+        return self._plan(key, plan)
 
-    def decide(self, key: str, answer: RateResult | StoreUnavailable, memory: LocalLimiter, now: float) -> Verdict:
-        """The store's answer for `key` (or its failure, decided by the fail-mode table) as a Verdict."""
+    def _plan(self, key: str, plan: str | None) -> Planned | None:
+        pairs = [(limit, op) for limit, op in ((limit, limit.op(key, plan)) for limit in self.limits) if op is not None]
+        if not pairs:
+            return None
+        ops = tuple(op for _, op in pairs)
+        return Planned(ops[0] if len(ops) == 1 else LimitsOp(ops), tuple(limit for limit, _ in pairs), ops)
+
+    # --- decide -----------------------------------------------------------------------------------------------
+    def decide(self, planned: Planned, answer: object, memory: LocalLimiter, now: float) -> list[Verdict]:
+        """The store's answer to the planned operation (or its failure, decided limit by limit by the fail-mode
+        table), one Verdict per limit."""
+        op, limits, ops = planned
         if type(answer) is not StoreUnavailable:
-            assert isinstance(answer, RateResult)
-            if self.mode == "stale":
-                memory.remember(key, answer.state, now)
-            return self.verdict(answer)
+            results = [answer] if type(op) is RateOp else answer
+            verdicts = []
+            for limit, o, result in zip(limits, ops, results, strict=True):  # type: ignore[call-overload]
+                if type(result) is StoreUnavailable:  # an error reply: the whole group failed
+                    return self.decide(planned, result, memory, now)
+                if limit.mode == "stale":
+                    memory.remember(o.key, result.state, now)
+                verdicts.append(limit.verdict(o, result))
+            return verdicts
         assert isinstance(answer, StoreUnavailable)
+        stale = [(limit, o) for limit, o in zip(limits, ops, strict=True) if limit.mode == "stale"]
+        local = {}
+        if stale:  # every stale limit of the subject, decided together here as the store would
+            now_us = int(now * 1_000_000)
+            answers = memory.decide_together([(o, limit.local_share) for limit, o in stale], now_us)
+            local = {id(o): (limit, o, result, age) for (limit, o), (result, age) in zip(stale, answers, strict=True)}
 
-        def local(reason: Reason) -> Verdict:
-            result, age = memory.decide(key, self.algorithm, self.limit, self.window, self.burst, self.local_share,
-                                        int(now * 1_000_000))
-            return self.verdict(result, basis="stale", reason=reason, age=age)
+        def remembered_for(o: RateOp) -> Callable[[Reason], Verdict]:
+            def remembered(reason: Reason) -> Verdict:
+                limit, _, result, age = local[id(o)]
+                return limit.verdict(o, result, basis="stale", reason=reason, age=age)
+            return remembered
 
-        return degraded("rate_limit", self.mode, answer, status=self.cfg.status_on_error,
-                        retry_after=self.retry_after, remembered=local)
-
-    def verdict(self, result: RateResult, *, basis: Basis = "checked", reason: Reason | None = None,
-                age: float | None = None) -> Verdict:
-        """One answer — from the store, or enforced locally while it cannot answer — as a Verdict."""
-        headers = [self.policy, ("RateLimit", f'"{self.route}";r={result.remaining};t={math.ceil(result.reset_after)}')]
-        if result.allowed:
-            return Verdict("rate_limit", True, basis=basis, reason=reason, headers=headers, age=age)
-        retry = max(1, math.ceil(result.retry_after))
-        headers.append(("Retry-After", str(retry)))
-        where = " (enforced locally while the store cannot answer)" if basis == "stale" else ""
-        return Verdict("rate_limit", False, basis=basis, reason=reason, status=429, code="rate_limited",
-                       detail=f"rate limit of {self.limit} per {self.cfg.per:g}s exceeded{where}; retry in {retry}s",
-                       headers=headers, age=age)
+        return [degraded("rate_limit", limit.mode, answer, status=limit.cfg.status_on_error,
+                         retry_after=limit.retry_after, remembered=remembered_for(o), check=limit.check)
+                for limit, o in zip(limits, ops, strict=True)]

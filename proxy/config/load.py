@@ -135,6 +135,11 @@ def _merge_defaults(
                 if isinstance(own, dict) and base:
                     route[check] = {**base, **own}
                     inherited[(i, check)] = frozenset(k for k in base if k not in own)
+                elif check == "rate_limit" and isinstance(own, list) and base:  # into every limit of a list
+                    route[check] = [{**base, **item} if isinstance(item, dict) else item for item in own]
+                    for j, item in enumerate(own):
+                        if isinstance(item, dict):
+                            inherited[(i, f"rate_limit[{j}]")] = frozenset(k for k in base if k not in item)
         merged_routes.append(route)
     return {**doc, "routes": merged_routes}, inherited
 

@@ -175,6 +175,7 @@ class RateLimitDefaults(_Strict, kw_only=True, frozen=True):
 
 
 class RateLimit(_Strict, kw_only=True, frozen=True):
+    name: str | None = None  # required in a list of limits
     limit: Positive
     per: Duration
     algorithm: Literal["fixed_window", "sliding_window", "gcra"] = "sliding_window"
@@ -183,6 +184,8 @@ class RateLimit(_Strict, kw_only=True, frozen=True):
     on_store_error: FailMode | None = None
     status_on_error: Status = 503
     local_share: Annotated[float, Meta(gt=0, le=1)] | None = None
+    plans: dict[str, Positive | Literal["unlimited"]] | None = None  # the request's plan picks the limit
+    shadow: bool = False  # counted and reported, never denies
 
 
 class Defaults(_Strict, kw_only=True, frozen=True):
@@ -196,7 +199,14 @@ class Route(_Strict, kw_only=True, frozen=True):
     upstream: str
     strip_prefix: bool = False
     auth: Auth | None = None
-    rate_limit: RateLimit | None = None
+    rate_limit: RateLimit | list[RateLimit] | None = None
+
+    @property
+    def limits(self) -> list[RateLimit]:
+        """Every rate limit of the route (one, or the list)."""
+        if self.rate_limit is None:
+            return []
+        return self.rate_limit if isinstance(self.rate_limit, list) else [self.rate_limit]
 
 
 class Config(_Strict, kw_only=True, frozen=True):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .load import LoadedConfig
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token: header names, methods, schemes
+_LIMIT_NAME = re.compile(r"^[a-z0-9_-]{1,32}$")
 _SERVER = re.compile(r"^[!-~][ -~]{0,63}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FAIL_MODES = (
@@ -115,8 +116,22 @@ def validate(loaded: LoadedConfig) -> None:
             raise fail(f"{rp}.strip_prefix", "needs match.prefix: true (there is no prefix to strip)")
         if route.auth is not None:
             _validate_auth(route, rp, fail)
-        if route.rate_limit is not None:
-            _validate_rate_limit(route, rp, fail)
+        if isinstance(route.rate_limit, list):
+            if not route.rate_limit:
+                raise fail(f"{rp}.rate_limit", "expected at least one limit, or leave the key out")
+            names: dict[str, int] = {}
+            for j, limit in enumerate(route.rate_limit):
+                lp = f"{rp}.rate_limit[{j}]"
+                if limit.name is None:
+                    raise fail(lp, "a limit in a list needs a name (such as burst or daily): it names the limit "
+                               "in metrics, tags and the RateLimit fields")
+                if limit.name in names:
+                    raise fail(f"{lp}.name", f"duplicate limit name {limit.name!r} (also {rp}.rate_limit"
+                               f"[{names[limit.name]}])")
+                names[limit.name] = j
+                _validate_rate_limit(route, limit, lp, fail)
+        elif route.rate_limit is not None:
+            _validate_rate_limit(route, route.rate_limit, f"{rp}.rate_limit", fail)
 
 
 def _validate_match(route, rp, fail) -> None:  # type: ignore[no-untyped-def]
@@ -163,9 +178,15 @@ def _validate_auth(route, rp, fail) -> None:  # type: ignore[no-untyped-def]
         raise fail(f"{p}.cache_for", "expected a duration of 0s or more")
 
 
-def _validate_rate_limit(route, rp, fail) -> None:  # type: ignore[no-untyped-def]
-    r = route.rate_limit
-    p = f"{rp}.rate_limit"
+def _validate_rate_limit(route, r, p, fail) -> None:  # type: ignore[no-untyped-def]
+    if r.name is not None and not _LIMIT_NAME.match(r.name):
+        raise fail(f"{p}.name", f"a limit name is 1-32 of a-z, 0-9, '_' and '-', got {r.name!r}")
+    if r.plans is not None:
+        if route.auth is None:
+            raise fail(f"{p}.plans", "plans need auth on the same route (the plan comes with the credential)")
+        for plan in r.plans:
+            if not _LIMIT_NAME.match(plan):
+                raise fail(f"{p}.plans", f"a plan name is 1-32 of a-z, 0-9, '_' and '-', got {plan!r}")
     if r.on_store_error is None:
         raise fail(p, f"on_store_error is not set here or in defaults.rate_limit; {_FAIL_MODES}")
     if r.per < 0.001:

@@ -173,15 +173,15 @@ class RouteMetrics:
     def __init__(self, route: str) -> None:
         self._name = route
         self._by_status: dict[int, Callable[[float], None]] = {}
-        self._decisions: dict[tuple[str, bool, str], Callable[[float], None]] = {}
+        self._decisions: dict[tuple[str, bool, str, bool], Callable[[float], None]] = {}
         self.duration = FastHistogram(REQUEST_DURATION.labels(route))
 
     def decided(self, verdict: Verdict) -> None:
-        key = (verdict.check, verdict.allow, verdict.basis)
+        key = (verdict.check, verdict.allow, verdict.basis, verdict.shadow_deny)
         inc = self._decisions.get(key)
         if inc is None:
             inc = self._decisions[key] = incrementer(DECISIONS.labels(
-                self._name, verdict.check, "allow" if verdict.allow else "deny", verdict.basis))
+                self._name, verdict.check, verdict.decision, verdict.basis))
         inc(1.0)
 
     def count(self, status: int) -> None:

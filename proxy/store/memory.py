@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..checks.algorithms import run
+from ..checks.algorithms import Spec, together
 from .ops import GetOp, Op, RateOp, RateResult
 
 
@@ -32,12 +32,21 @@ class MemoryStore:
         real_now = self.now_us()
         if isinstance(op, GetOp):
             return self._get(op.key, real_now)
-        assert isinstance(op, RateOp)
-        now = op.now if op.now is not None else real_now
-        out = run(op.algorithm, self._get(op.key, real_now), now, op.limit, op.window, op.burst)
-        if out.allowed:
-            self._set(op.key, out.state, real_now + out.ttl)
-        return RateResult(out.allowed, out.remaining, out.reset_after / 1e6, out.retry_after / 1e6, out.state)
+        if isinstance(op, RateOp):
+            return self._limits((op,), real_now)[0]
+        return self._limits(op.limits, real_now)
+
+    def _limits(self, ops: tuple[RateOp, ...], real_now: int) -> list[RateResult]:
+        now = ops[0].now if ops[0].now is not None else real_now
+        specs = [Spec(op.algorithm, op.limit, op.window, op.burst, op.shadow) for op in ops]
+        decided = together(specs, [self._get(op.key, real_now) for op in ops], now)
+        results = []
+        for op, (out, committed) in zip(ops, decided, strict=True):
+            if committed:
+                self._set(op.key, out.state, real_now + out.ttl)
+            results.append(RateResult(out.allowed, out.remaining, out.reset_after / 1e6, out.retry_after / 1e6,
+                                      out.state, committed))
+        return results
 
     # --- a tiny expiring dict -------------------------------------------------------------------------------
     def _get(self, key: str, now: int) -> Any:

@@ -16,6 +16,15 @@ class RateOp:
     window: int  # µs
     burst: int
     now: int | None = None  # µs; None = the store's own clock (tests pin it)
+    shadow: bool = False  # counted and reported, never denies (and never stops the others of a LimitsOp counting)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsOp:
+    """Several limits on one subject, decided together: a request one of them denies consumes nothing from the
+    others. The store answers with one RateResult per limit, in order."""
+
+    limits: tuple[RateOp, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +34,7 @@ class GetOp:
     key: str
 
 
-Op = RateOp | GetOp
+Op = RateOp | LimitsOp | GetOp
 
 
 class RateResult(NamedTuple):
@@ -34,3 +43,4 @@ class RateResult(NamedTuple):
     reset_after: float  # seconds
     retry_after: float  # seconds; 0 when allowed
     state: tuple[int, ...]  # the stored state after this call (for the stale mode)
+    committed: bool = True  # this call was counted (False: denied, or admitted here but denied by another limit)

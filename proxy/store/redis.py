@@ -16,10 +16,11 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
 
+from ..checks.algorithms import CODES
 from ..observe.metrics import store_error
 from .errors import StoreUnavailable
 from .ops import GetOp, Op, RateOp, RateResult
-from .resp import Command, Endpoint, PipelinedClient, pack_commands
+from .resp import Endpoint, PipelinedClient
 
 
 class Script:
@@ -29,7 +30,7 @@ class Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
-SCRIPTS = {name: Script(name) for name in ("fixed_window", "sliding_window", "gcra")}
+LIMITS = Script("limits")  # every rate-limit operation: one limit, or several on one subject
 
 
 def endpoint_from_url(url: str) -> Endpoint:
@@ -45,49 +46,66 @@ def endpoint_from_url(url: str) -> Endpoint:
                     ssl=context)
 
 
-def _rate_command(op: RateOp, *, by_source: bool = False) -> Command:
-    script = SCRIPTS[op.algorithm]
-    now = "" if op.now is None else op.now
-    if by_source:
-        return ("EVAL", script.source, 1, op.key, op.limit, op.window, op.burst, now)
-    return ("EVALSHA", script.sha, 1, op.key, op.limit, op.window, op.burst, now)
-
-
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(value), value)
 
 
-def _rate_parts(op: RateOp) -> tuple[bytes, bytes]:
-    """An EVALSHA command as the bytes before and after its key: everything but the key is the same for every
-    request of a rate-limit check, so it is packed once."""
-    now = b"" if op.now is None else str(op.now).encode()
-    head = b"*8\r\n" + _bulk(b"EVALSHA") + _bulk(SCRIPTS[op.algorithm].sha.encode()) + _bulk(b"1")
-    tail = b"".join(_bulk(str(v).encode()) for v in (op.limit, op.window, op.burst)) + _bulk(now)
+def _limits_of(op: Op) -> tuple[RateOp, ...]:
+    return (op,) if type(op) is RateOp else op.limits  # type: ignore[union-attr,return-value]
+
+
+def _limit_parts(limits: tuple[RateOp, ...], *, by_source: bool = False) -> tuple[bytes, bytes]:
+    """The script call for these limits as the bytes before and after their keys: everything but the keys is
+    the same for every request of a route's limits (for one plan), so it is packed once. By source (EVAL) when
+    Redis lost its script cache."""
+    n = len(limits)
+    now = limits[0].now
+    verb, script = (b"EVAL", LIMITS.source.encode()) if by_source else (b"EVALSHA", LIMITS.sha.encode())
+    head = b"*%d\r\n" % (4 + 6 * n) + _bulk(verb) + _bulk(script) + _bulk(b"%d" % n)
+    tail = _bulk(b"" if now is None else str(now).encode())
+    for op in limits:
+        tail += b"".join(_bulk(str(v).encode()) for v in (CODES[op.algorithm], op.limit, op.window, op.burst,
+                                                          int(op.shadow)))
     return head, tail
+
+
+def _pack_limits(limits: tuple[RateOp, ...], parts: tuple[bytes, bytes]) -> bytes:
+    head, tail = parts
+    keys = [op.key.encode() for op in limits]
+    return head + b"".join(b"$%d\r\n%b\r\n" % (len(k), k) for k in keys) + tail
 
 
 class RedisStore:
     def __init__(self, url: str, *, timeout: float, connect_timeout: float, pool_size: int) -> None:
         self.client = PipelinedClient(endpoint_from_url(url), timeout=timeout, connect_timeout=connect_timeout,
                                       pool_size=pool_size)
-        self._parts: dict[tuple[str, int, int, int], tuple[bytes, bytes]] = {}
+        self._parts: dict[Any, tuple[bytes, bytes]] = {}
 
     def _pack(self, op: Op) -> bytes:
-        key = op.key.encode()
         if type(op) is GetOp:
+            key = op.key.encode()
             return b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(key), key)
-        assert type(op) is RateOp
-        if op.now is not None:  # tests pin the clock: not worth caching
-            head, tail = _rate_parts(op)
-        else:
-            shape = (op.algorithm, op.limit, op.window, op.burst)
+        if type(op) is RateOp and op.now is None:  # (tests pin the clock: not worth caching)
+            shape: Any = (op.algorithm, op.limit, op.window, op.burst, op.shadow)
             parts = self._parts.get(shape)
             if parts is None:
-                if len(self._parts) > 10_000:  # only configs make shapes; a bound all the same
-                    self._parts.clear()
-                parts = self._parts[shape] = _rate_parts(op)
-            head, tail = parts
-        return b"%b$%d\r\n%b\r\n%b" % (head, len(key), key, tail)
+                parts = self._shape(shape, (op,))
+            key = op.key.encode()
+            return b"%b$%d\r\n%b\r\n%b" % (parts[0], len(key), key, parts[1])
+        limits = _limits_of(op)
+        if limits[0].now is not None:
+            return _pack_limits(limits, _limit_parts(limits))
+        shape = tuple((o.algorithm, o.limit, o.window, o.burst, o.shadow) for o in limits)
+        parts = self._parts.get(shape)
+        if parts is None:
+            parts = self._shape(shape, limits)
+        return _pack_limits(limits, parts)
+
+    def _shape(self, shape: Any, limits: tuple[RateOp, ...]) -> tuple[bytes, bytes]:
+        if len(self._parts) > 10_000:  # only configs (and their plans) make shapes; a bound all the same
+            self._parts.clear()
+        parts = self._parts[shape] = _limit_parts(limits)
+        return parts
 
     def execute(self, ops: Sequence[Op]) -> asyncio.Future[list[Any]]:
         """Not a coroutine: the returned future resolves with the decoded results, decoded in the client's
@@ -105,8 +123,9 @@ class RedisStore:
                 # Redis lost its script cache (restart, SCRIPT FLUSH). The script did not run, so sending it
                 # again as EVAL (which also caches it) cannot count twice. Same future: the caller still waits.
                 again = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
-                retry = [_rate_command(ops[i], by_source=True) for i in again]  # type: ignore[arg-type]
-                self.client.submit(pack_commands(retry), len(again), self._merge, (ops, replies, again), future)
+                retry = b"".join(_pack_limits(_limits_of(ops[i]), _limit_parts(_limits_of(ops[i]), by_source=True))
+                                 for i in again)
+                self.client.submit(retry, len(again), self._merge, (ops, replies, again), future)
                 return
         future.set_result([_result(op, r) for op, r in zip(ops, replies, strict=True)])
 
@@ -123,6 +142,7 @@ class RedisStore:
 
 
 _new_tuple = tuple.__new__
+_SIZE = {"fixed_window": 2, "sliding_window": 3, "gcra": 1}
 
 
 def _result(op: Op, reply: Any) -> Any:
@@ -133,10 +153,16 @@ def _result(op: Op, reply: Any) -> Any:
     if type(op) is GetOp:
         return reply
     try:
-        if type(reply) is not list or len(reply) < 4:
+        if type(reply) is not list:
+            raise TypeError
+        limits = _limits_of(op)
+        if len(reply) != 8 * len(limits):
             raise TypeError
         # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function, this is on every request
-        return _new_tuple(RateResult, (reply[0] == 1, reply[1], reply[2] / 1e6, reply[3] / 1e6, tuple(reply[4:])))
+        results = [_new_tuple(RateResult, (reply[i] == 1, reply[i + 1], reply[i + 2] / 1e6, reply[i + 3] / 1e6,
+                                           tuple(reply[i + 5:i + 5 + _SIZE[limit.algorithm]]), reply[i + 4] == 1))
+                   for i, limit in zip(range(0, len(reply), 8), limits, strict=True)]
+        return results[0] if type(op) is RateOp else results
     except TypeError:
         return StoreUnavailable("error", f"unexpected reply {reply!r}", transport=False)
 

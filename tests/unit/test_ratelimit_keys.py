@@ -4,13 +4,29 @@ from __future__ import annotations
 
 from multidict import CIMultiDict
 
-from proxy.checks.ratelimit import RateLimitCheck, client_subject
+from proxy.checks.ratelimit import LimitGroup, RateLimitCheck, client_subject
 from proxy.config.schema import Duration, RateLimit
 
 
-def check(key: str, algorithm: str = "sliding_window", per: float = 60.0) -> RateLimitCheck:
-    cfg = RateLimit(limit=10, per=Duration(per), key=key, algorithm=algorithm, on_store_error="open")  # type: ignore[arg-type]
-    return RateLimitCheck("search", cfg, key_prefix="fg:", workers=2, retry_after=2.0)
+class Check:
+    """A route's one limit and its group, as the pipeline uses them: the full store key of one request."""
+
+    def __init__(self, key: str, algorithm: str, per: float, name: str | None = None,
+                 plans: dict[str, int] | None = None) -> None:
+        cfg = RateLimit(name=name, limit=10, per=Duration(per), key=key, algorithm=algorithm,  # type: ignore[arg-type]
+                        on_store_error="open", plans=plans)  # type: ignore[arg-type]
+        self.limit = RateLimitCheck("search", cfg, workers=2, retry_after=2.0)
+        self.group = LimitGroup("search", [self.limit], key_prefix="fg:", auth_header=None, auth_scheme=None)
+
+    def key(self, client: str, headers: object, principal: str | None, plan: str | None = None) -> str:
+        planned = self.group.plan(self.group.key(client, headers, principal), plan)
+        assert planned is not None
+        return planned.ops[0].key
+
+
+def check(key: str, algorithm: str = "sliding_window", per: float = 60.0, name: str | None = None,
+          plans: dict[str, int] | None = None) -> Check:
+    return Check(key, algorithm, per, name, plans)
 
 
 def test_ipv6_clients_share_a_bucket_per_64() -> None:
@@ -39,6 +55,16 @@ def test_principal_key_falls_back_to_the_client_address() -> None:
 
 
 def test_policy_and_local_share_default() -> None:
-    c = check("route")
-    assert c.policy == ("RateLimit-Policy", '"search";q=10;w=60')
+    c = check("route").limit
+    assert (c.policy, c.check, c.window_s) == ("search", "rate_limit", 60)
     assert c.local_share == 0.5
+    named = check("route", name="burst").limit
+    assert (named.policy, named.check) == ("search.burst", "rate_limit.burst")
+
+
+def test_named_limits_and_plans_have_keys_of_their_own() -> None:
+    burst = check("route", name="burst")
+    assert burst.key("x", CIMultiDict(), None) == "fg:rl:{search:route}:burst:sliding_window:60000"
+    daily = check("route", "fixed_window", 86400.0, name="daily", plans={"pro": 1000})
+    assert daily.key("x", CIMultiDict(), None, "pro") == "fg:rl:{search:route}:daily@pro:fixed_window:86400000"
+    assert daily.key("x", CIMultiDict(), None, "free") == "fg:rl:{search:route}:daily:fixed_window:86400000"
