@@ -104,6 +104,7 @@ def main() -> int:
                     py, "-m", "proxy", "run", "-c", str(cfg)], fg_port)
         base = f"http://127.0.0.1:{fg_port}"
         scenarios = (("failgate passthrough", "/pass", []), ("failgate rate_limit sliding", "/rl/sliding", []),
+                     ("failgate two limits, one key", "/rl/two", []),
                      ("failgate auth", "/auth", bearer), ("failgate auth + rate_limit", "/auth-rl", bearer))
         for _ in range(args.rounds):
             measure("reference proxy", ref.pid, out, f"http://127.0.0.1:{ref_port}/x", [])

@@ -146,6 +146,12 @@ routes:
     match: {{path: /rl/gcra, prefix: true}}
     upstream: api
     rate_limit: {{limit: 1000000000, per: 1m, algorithm: gcra, key: client_ip, {rl}}}
+  - name: rl-two
+    match: {{path: /rl/two, prefix: true}}
+    upstream: api
+    rate_limit:
+      - {{name: burst, limit: 1000000000, per: 1s, algorithm: sliding_window, key: client_ip, {rl}}}
+      - {{name: daily, limit: 1000000000, per: 1d, algorithm: fixed_window, key: client_ip, {rl}}}
   - name: auth
     match: {{path: /auth, prefix: true}}
     upstream: api
