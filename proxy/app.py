@@ -145,7 +145,7 @@ class Proxy:
         return resp
 
     def _finish(self, request: web.BaseRequest, rt: Runtime, facts: Facts, status: int) -> None:
-        """Count the request; a decision-log line per deny and per degraded verdict; the access log."""
+        """Count the request; a decision-log line per deny, shadow deny and degraded verdict; the access log."""
         route = facts.route
         metrics = route.metrics if route is not None else _NO_ROUTE
         metrics.count(status)
@@ -155,9 +155,9 @@ class Proxy:
         if decision is not None and route is not None:
             principal = decision.identity.principal if decision.identity is not None else None
             for v in decision.verdicts:
-                if v.degraded or not v.allow:
+                if v.degraded or not v.allow or v.shadow_deny:
                     rt.decisions.record(request_id=facts.rid, route=route.name, check=v.check,
-                                        decision="allow" if v.allow else "deny", basis=v.basis, reason=v.reason,
+                                        decision=v.decision, basis=v.basis, reason=v.reason,
                                         status=status, client=facts.client, principal=principal)
         if self.access_log is not None:
             self.access_log.put({

@@ -3,6 +3,8 @@ the real proxy on a real redis-server. Every field is parsed with a third-party 
 
 from __future__ import annotations
 
+import io
+import json
 import re
 from typing import Any
 
@@ -164,8 +166,11 @@ async def test_shadow_limits_count_and_report_but_never_deny(upstream: Upstream,
         - {name: real, limit: 100, per: 1h, key: route, on_store_error: open}
         - {name: trial, limit: 2, per: 1h, key: route, shadow: true, on_store_error: open}
     """
-    async with InProcessProxy(config_text(upstream.url, routes, extra=store(redis_server.url))) as p:
+    log = io.StringIO()
+    async with InProcessProxy(config_text(upstream.url, routes, extra=store(redis_server.url)), log_stream=log) as p:
         rs = [await get(p, "/sh") for _ in range(5)]
+    lines = [json.loads(x) for x in log.getvalue().splitlines()]
+    assert [(x["check"], x["decision"], x["status"]) for x in lines] == [("rate_limit.trial", "shadow_deny", 200)] * 3
     assert [r.status for r in rs] == [200] * 5
     assert [fields(r)["sh.trial"]["r"] for r in rs] == [1, 0, 0, 0, 0]
     assert [fields(r)["sh.real"]["r"] for r in rs] == [99, 98, 97, 96, 95]  # a shadow never stops the others
