@@ -46,6 +46,14 @@ def _rate_limit_fields(verdicts: list[Verdict], reply: list[tuple[str, str]]) ->
     quotas = [v for v in verdicts if v.quota is not None]
     if not quotas:
         return 0
+    if len(quotas) == 1:  # one limit: the common case
+        v = quotas[0]
+        q = v.quota
+        assert q is not None
+        retry = 0 if v.allow else max(1, math.ceil(q.retry_after))
+        reply.append(("RateLimit-Policy", q.item))
+        reply.append(("RateLimit", f'"{q.policy}";r={q.r};t={max(math.ceil(q.reset_after), retry)}'))
+        return retry
     retry = max((max(1, math.ceil(v.quota.retry_after)) for v in quotas if not v.allow), default=0)  # type: ignore[union-attr]
     policies, remaining = [], []
     for v in quotas:
@@ -54,7 +62,7 @@ def _rate_limit_fields(verdicts: list[Verdict], reply: list[tuple[str, str]]) ->
         t = math.ceil(q.reset_after)
         if not v.allow:
             t = max(t, retry)
-        policies.append(f'"{q.policy}";q={q.q};w={q.w}')
+        policies.append(q.item)
         remaining.append(f'"{q.policy}";r={q.r};t={t}')
     reply.append(("RateLimit-Policy", ", ".join(policies)))
     reply.append(("RateLimit", ", ".join(remaining)))

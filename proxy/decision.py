@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from .store.errors import Reason
 
@@ -24,13 +24,12 @@ class Identity:
     plan: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Quota:
+class Quota(NamedTuple):
     """A rate limit's answer as the IETF RateLimit fields report it (draft-ietf-httpapi-ratelimit-headers)."""
 
+    item: str  # its RateLimit-Policy item, `"<policy>";q=<q>;w=<w>` (made once per limit and quota)
     policy: str  # the policy's name
     q: int  # the quota that applied
-    w: int  # its window, seconds
     r: int  # what is left of it (never above q)
     reset_after: float  # seconds until the quota is whole again
     retry_after: float  # seconds until a request would be admitted; 0 when admitted

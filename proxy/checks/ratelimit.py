@@ -60,6 +60,7 @@ def client_subject(address: str) -> str:
 
 
 UNLIMITED = -1  # a plan's quota that skips the limit (and its store call)
+_new_tuple = tuple.__new__  # a NamedTuple made without its Python-level __new__: on every request
 
 
 class Planned(NamedTuple):
@@ -89,30 +90,35 @@ class RateLimitCheck(CheckKind):
         self.local_share = cfg.local_share if cfg.local_share is not None else 1.0 / workers
         self.plans = {plan: UNLIMITED if quota == "unlimited" else int(quota)
                       for plan, quota in (cfg.plans or {}).items()}
-        self._tail = f"{':' + cfg.name if cfg.name else ''}%s:{cfg.algorithm}:{round(cfg.per * 1000)}"
-
-    def quota(self, plan: str | None) -> tuple[int, str | None]:
-        """(the limit that applies, the plan it came from) — `limit` for no plan or one `plans` does not name."""
-        if plan is not None and plan in self.plans:
-            return self.plans[plan], plan
-        return self.limit, None
+        # Everything about the store call but the subject, made once per plan: (key tail, limit, burst) or None
+        # for an unlimited plan. gcra's bucket is `burst`, or the plan's quota when a plan picked it.
+        tail = f"{':' + cfg.name if cfg.name else ''}%s:{cfg.algorithm}:{round(cfg.per * 1000)}"
+        burst = self.burst if cfg.algorithm == "gcra" else cfg.limit
+        self._calls: dict[str | None, tuple[str, int, int] | None] = {None: (tail % "", cfg.limit, burst)}
+        for plan, quota in self.plans.items():
+            self._calls[plan] = None if quota == UNLIMITED else (tail % f"@{plan}", quota, quota)
+        self._items: dict[int, str] = {}  # quota -> its RateLimit-Policy item
 
     def op(self, subject_key: str, plan: str | None) -> RateOp | None:
-        limit, from_plan = self.quota(plan)
-        if limit == UNLIMITED:
+        """This limit's store call for a subject (None: unlimited for the plan). Without `plans` every request
+        is counted against `limit`; with them, a plan they name picks its quota and its own counter."""
+        call = self._calls[plan] if plan in self._calls else self._calls[None]
+        if call is None:
             return None
-        # gcra's bucket: `burst`, or the plan's quota when a plan picked it; the other algorithms have none
-        burst = self.burst if self.algorithm == "gcra" and from_plan is None else limit
-        return RateOp(self.algorithm, subject_key + self._tail % (f"@{from_plan}" if from_plan else ""), limit,
-                      self.window, burst, shadow=self.shadow)
+        tail, limit, burst = call
+        return _new_tuple(RateOp, (self.algorithm, subject_key + tail, limit, self.window, burst, None, self.shadow))
 
     def verdict(self, op: RateOp, result: RateResult, *, basis: Basis = "checked", reason: Reason | None = None,
                 age: float | None = None) -> Verdict:
         """One answer — from the store, or enforced locally while it cannot answer — as a Verdict."""
         q = op.burst if op.algorithm == "gcra" else op.limit  # what the quota is: a gcra bucket holds `burst`
-        quota = Quota(self.policy, q, self.window_s, min(result.remaining, q), result.reset_after,
-                      0.0 if result.allowed else result.retry_after)
-        if result.allowed:
+        item = self._items.get(q)
+        if item is None:
+            item = self._items[q] = f'"{self.policy}";q={q};w={self.window_s}'
+        allowed = result.allowed
+        quota = _new_tuple(Quota, (item, self.policy, q, result.remaining if result.remaining < q else q,
+                                   result.reset_after, 0.0 if allowed else result.retry_after))
+        if allowed:
             return Verdict(self.check, True, basis=basis, reason=reason, age=age, quota=quota)
         if self.shadow:
             return Verdict(self.check, True, basis=basis, reason=reason, age=age, quota=quota, shadow_deny=True)
@@ -142,6 +148,8 @@ class LimitGroup:
             self._credential = (auth_scheme.lower() if auth_scheme else None,)
         elif low in ("authorization", "proxy-authorization"):
             self._credential = (None,)
+        self._single = limits[0] if len(limits) == 1 else None
+        self._singles = (limits[0],)
         self._key_head = f"{key_prefix}rl:{{{route}:"
         self._fixed_key = self._key_head + "route}" if self.key_kind == "route" else None
         # the same operation for every request of a `route` key without plans: made once
@@ -175,6 +183,9 @@ class LimitGroup:
         return self._plan(key, plan)
 
     def _plan(self, key: str, plan: str | None) -> Planned | None:
+        if self._single is not None:  # one limit: the common case, without the lists
+            op = self._single.op(key, plan)
+            return None if op is None else _new_tuple(Planned, (op, self._singles, (op,)))
         pairs = [(limit, op) for limit, op in ((limit, limit.op(key, plan)) for limit in self.limits) if op is not None]
         if not pairs:
             return None
@@ -186,10 +197,14 @@ class LimitGroup:
         """The store's answer to the planned operation (or its failure, decided limit by limit by the fail-mode
         table), one Verdict per limit."""
         op, limits, ops = planned
+        if type(answer) is RateResult:  # one limit, answered: the common case
+            limit = limits[0]
+            if limit.mode == "stale":
+                memory.remember(op.key, answer.state, now)  # type: ignore[union-attr]
+            return [limit.verdict(op, answer)]  # type: ignore[arg-type]
         if type(answer) is not StoreUnavailable:
-            results = [answer] if type(op) is RateOp else answer
             verdicts = []
-            for limit, o, result in zip(limits, ops, results, strict=True):  # type: ignore[call-overload]
+            for limit, o, result in zip(limits, ops, answer, strict=True):  # type: ignore[call-overload]
                 if type(result) is StoreUnavailable:  # an error reply: the whole group failed
                     return self.decide(planned, result, memory, now)
                 if limit.mode == "stale":

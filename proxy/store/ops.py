@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class RateOp:
-    """Count one request against a rate limit and say whether it is admitted."""
+class RateOp(NamedTuple):
+    """Count one request against a rate limit and say whether it is admitted. (A NamedTuple: made for every
+    rate-limited request, and a tuple is the cheapest immutable value to make.)"""
 
     algorithm: str  # fixed_window | sliding_window | gcra
     key: str  # full store key

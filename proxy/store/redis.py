@@ -155,10 +155,13 @@ def _result(op: Op, reply: Any) -> Any:
     try:
         if type(reply) is not list:
             raise TypeError
+        if type(op) is RateOp and len(reply) == 8:  # one limit: the common case
+            # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function, this is on every request
+            return _new_tuple(RateResult, (reply[0] == 1, reply[1], reply[2] / 1e6, reply[3] / 1e6,
+                                           tuple(reply[5:5 + _SIZE[op.algorithm]]), reply[4] == 1))
         limits = _limits_of(op)
         if len(reply) != 8 * len(limits):
             raise TypeError
-        # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function, this is on every request
         results = [_new_tuple(RateResult, (reply[i] == 1, reply[i + 1], reply[i + 2] / 1e6, reply[i + 3] / 1e6,
                                            tuple(reply[i + 5:i + 5 + _SIZE[limit.algorithm]]), reply[i + 4] == 1))
                    for i, limit in zip(range(0, len(reply), 8), limits, strict=True)]
