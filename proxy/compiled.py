@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
+import msgspec
 from aiohttp import web_response
 
 from .checks.auth import AuthCheck
+from .checks.jwt import JwtCheck, TokenMemory
 from .checks.local import LocalLimiter
 from .checks.memo import KeyMemory
 from .checks.ratelimit import LimitGroup, RateLimitCheck
 from .config import LoadedConfig
 from .config.values import resolve_workers
 from .forward import HOP_BY_HOP, SPOOFABLE, UpstreamClient
+from .jwks import KeySet
 from .observe.decisionlog import DecisionLog, LogWriter
 from .observe.metrics import RouteMetrics
 from .routing import Router, compile_match
@@ -41,6 +46,8 @@ class Memories:
     local: LocalLimiter = field(default_factory=LocalLimiter)  # rate-limit state for `stale`
     keys: KeyMemory = field(default_factory=KeyMemory)  # API-key answers for `cache_for` and `stale`
     upstreams: dict[str, UpstreamClient] = field(default_factory=dict)  # pools, by upstream name
+    keysets: dict[str, KeySet] = field(default_factory=dict)  # jwt key sets, by source
+    tokens: TokenMemory = field(default_factory=TokenMemory)  # verified jwt tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +57,30 @@ class Route:
     prefix_chars: int  # characters of the matched prefix to remove before forwarding; 0 without strip_prefix
     preserve_host: bool
     metrics: RouteMetrics
-    auth: AuthCheck | None
+    auth: AuthCheck | JwtCheck | None
     limits: tuple[LimitGroup, ...]  # the route's rate limits, grouped by the key they count by
     drop_credentials: str | None  # the credential header, when forward_credentials is false
 
     @property
     def checked(self) -> bool:
         return self.auth is not None or bool(self.limits)
+
+
+def keyset_for(memories: Memories, route: str, auth: Any) -> KeySet:
+    """The process-wide key set of a jwt route's source: a jwks_url (fetched by the owner and handed in), a
+    jwks_file (read now) or a secret (nothing to fetch)."""
+    if auth.jwks_url:
+        source = auth.jwks_url
+        keyset = memories.keysets.get(source)
+        if keyset is None:
+            keyset = memories.keysets[source] = KeySet(source, auth.jwks_refresh)
+        return keyset
+    keyset = KeySet(f"file:{auth.jwks_file}" if auth.jwks_file else f"secret:{route}", auth.jwks_refresh,
+                    always_fresh=True)
+    if auth.jwks_file:
+        with open(auth.jwks_file, "rb") as f:
+            keyset.load(msgspec.json.decode(f.read()), time.time())
+    return keyset
 
 
 class Runtime:
@@ -85,7 +109,7 @@ class Runtime:
         for r in cfg.routes:
             m = compile_match(r.match.path, r.match.prefix, r.match.methods, r.match.host)
             prefix_chars = len(m.path) if r.strip_prefix and m.path != "/" else 0
-            auth = None
+            auth: AuthCheck | JwtCheck | None = None
             by_key: dict[str, list[RateLimitCheck]] = {}
             for cfg_limit in r.limits:
                 by_key.setdefault(cfg_limit.key, []).append(
@@ -94,7 +118,10 @@ class Runtime:
                                       auth_header=r.auth.header if r.auth is not None else None,
                                       auth_scheme=r.auth.scheme if r.auth is not None else None)
                            for limits in by_key.values())
-            if r.auth is not None:
+            if r.auth is not None and r.auth.type == "jwt":
+                auth = JwtCheck(r.name, r.auth, retry_after=retry_after, keyset=keyset_for(memories, r.name, r.auth),
+                                tokens=memories.tokens)
+            elif r.auth is not None:
                 auth = AuthCheck(r.name, r.auth, key_prefix=prefix, retry_after=retry_after)
             drop = r.auth.header.lower() if r.auth is not None and not r.auth.forward_credentials else None
             route = Route(r.name, self.upstreams[r.upstream], prefix_chars, cfg.upstreams[r.upstream].preserve_host,

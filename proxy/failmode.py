@@ -1,6 +1,7 @@
 """What a check decides when its dependency cannot answer — the table, as data. Pure: no I/O, no clock.
 
-`TABLE` maps (check kind, `on_store_error`) to a `Rule`, and `degraded()` applies it: nothing else in Failgate
+`TABLE` maps (check kind, `on_store_error`) to a `Rule` (`auth` is the api_key kind; `jwt` fails when its key
+set cannot be refreshed), and `degraded()` applies it: nothing else in Failgate
 decides what a failure means. `allow` and `deny` are the same for every kind; `remembered` hands over to the
 check kind's own stale memory (the local limiter, the remembered API-key records). The README prints this table;
 tests/unit/test_failmode.py keeps the two the same and runs every row.
@@ -34,6 +35,12 @@ TABLE: dict[tuple[str, str], Rule] = {
     ("auth", "stale"): Rule("remembered", "the record remembered for the credential if younger than `stale_for`, "
                             "the route's scopes, expiry and revocations applied to it; nothing remembered: "
                             "`stale_fallback` (`open` or `closed`), tagged `fallback=`"),
+    ("jwt", "open"): Rule("remembered", "verify with whatever key set is held, tagged `mode=open`; no set at all: "
+                          "allow, the principal unknown"),
+    ("jwt", "closed"): Rule("deny", "deny with `status_on_error` and `Retry-After: <breaker.open_for>` once the key "
+                            "set is not fresh"),
+    ("jwt", "stale"): Rule("remembered", "verify with the last good key set for up to `stale_for` after its last "
+                           "successful fetch, tagged with its age; past that, or no set: `stale_fallback`"),
 }
 
 

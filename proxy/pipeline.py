@@ -34,7 +34,7 @@ async def run_checks(rt: Runtime, route: Route, headers: Any, client: str) -> De
     if auth is not None:
         auth_verdict, digest = auth.plan(headers, rt.keys, now)
         if digest is not None:
-            ops += auth.ops(digest)
+            ops += auth.ops(digest)  # type: ignore[union-attr]  # (only api_key plans a store call)
     known = auth is None or auth_verdict is not None  # auth's answer (or that there is none) is already known
     identity = auth_verdict.identity if auth_verdict is not None else None
     first: list[tuple[LimitGroup, Planned | None, int]] = []
@@ -58,7 +58,7 @@ async def run_checks(rt: Runtime, route: Route, headers: Any, client: str) -> De
     if auth is not None:
         if auth_verdict is None:
             assert digest is not None
-            auth_verdict = auth.decide(digest, failure or results, rt.keys, now)  # type: ignore[arg-type]
+            auth_verdict = auth.decide(digest, failure or results, rt.keys, now)  # type: ignore[arg-type,union-attr]
         decision.add(route.metrics, auth_verdict)
     for group, planned, at in first:
         if planned is not None:

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from .config import ConfigError, LoadedConfig, load_text
 from .config.values import resolve_workers
+from .jwks import JwksSupply
 from .reload import ConfigCollector, ConfigState, watch_file
 from .revocations import RevocationDesk
 from .serving import Serving
@@ -182,11 +183,12 @@ async def worker_main() -> None:
     loaded = load_text(msg["text"], msg["source"])
     state_dir = StateDir(msg["state_dir"]) if msg.get("state_dir") else None
     serving = Serving(loaded, reuse_port=True, workers=int(msg.get("workers", 1)), state=state_dir,
-                      index=int(msg.get("index", 0)))
+                      index=int(msg.get("index", 0)), fetch_keys=False)  # the parent fetches the key sets
     await serving.start()
     from .store.breaker import NAMES
 
     serving.notify = lambda state: send({"event": "state", "breaker": NAMES[state]})
+    serving.refetch = lambda url: send({"event": "jwks_refetch", "url": url})
     settle_gc()
     send({"event": "ready", "pid": os.getpid(), "sha256": loaded.sha256})
 
@@ -237,6 +239,7 @@ class Supervisor:
         self.config = state
         self.state_dir = state_dir
         self.desk = _desk(state.current.config.store, state_dir, self._apply_revocation)
+        self.jwks = JwksSupply(state_dir, self.broadcast)  # one fetcher per jwks_url for all workers
         self.loaded = state.current
         self._lock = asyncio.Lock()
         self.workers = [Worker(i) for i in range(count)]
@@ -297,6 +300,7 @@ class Supervisor:
             loaded = self.config.try_reload()
             if loaded is not None:
                 self.loaded = loaded
+                self.jwks.configure(loaded.config)
                 self.broadcast({"op": "reload", "source": loaded.source, "text": loaded.text})
             return _reload_result(self.config, loaded)
 
@@ -314,6 +318,8 @@ class Supervisor:
         if self.chaos is not None and self._chaos is not None:
             cmd, until = self._chaos
             w.proc.stdin.write(_encode({**cmd, "for": f"{max(0.001, until - time.monotonic()):.3f}s"}) + b"\n")
+        for cmd in self.jwks.last.values():  # the key sets held so far
+            w.proc.stdin.write(_encode(cmd) + b"\n")
         await w.proc.stdin.drain()
         w.listener = asyncio.create_task(self._listen(w, w.proc))
 
@@ -329,6 +335,8 @@ class Supervisor:
                 log.info("worker %d ready (pid %d)", w.index, proc.pid)
             elif event.get("event") == "state":
                 w.breaker = event.get("breaker", w.breaker)
+            elif event.get("event") == "jwks_refetch":
+                self.jwks.refetch(str(event.get("url")))
         code = await proc.wait()
         w.ready = False
         from .observe.metrics import mark_dead
@@ -379,6 +387,8 @@ async def run_supervisor(state: ConfigState, count: int, state_dir: StateDir | N
     cfg = loaded.config
     stop = _stop_event()
     sup = Supervisor(state, count, state_dir)
+    sup.jwks.configure(cfg)  # the key sets first: workers start with them (or after a bounded wait, without)
+    await sup.jwks.ready(JwksSupply.startup_wait(cfg))
     for w in sup.workers:
         await sup.spawn(w)
     admin = await _serve_admin(sup, cfg)
@@ -388,6 +398,7 @@ async def run_supervisor(state: ConfigState, count: int, state_dir: StateDir | N
     await _until_stopped(sup, cfg, stop)
     log.info("draining %d workers (up to %ss)", count, cfg.shutdown_grace)
     await sup.desk.stop()
+    await sup.jwks.stop()
     await sup.stop(cfg.shutdown_grace)
     await admin.cleanup()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -17,6 +18,7 @@ from aiohttp import web
 from .checks.memo import REVOKED, KeyMemory, Record
 from .compiled import Memories, Runtime
 from .config import LoadedConfig
+from .jwks import JwksSupply, KeySet
 from .observe.decisionlog import DecisionLog, LogWriter
 from .observe.lag import LagSampler
 from .observe.metrics import BREAKER_STATE
@@ -35,13 +37,19 @@ log = logging.getLogger("failgate.serving")
 
 class Serving:
     def __init__(self, loaded: LoadedConfig, *, reuse_port: bool, workers: int = 1,
-                 log_stream: IO[str] | None = None, state: StateDir | None = None, index: int = 0) -> None:
+                 log_stream: IO[str] | None = None, state: StateDir | None = None, index: int = 0,
+                 fetch_keys: bool = True) -> None:
         self.loaded = loaded
         self.workers = workers
         self.state_dir = state
         self.index = index  # this serving process's number among the workers: its file in the state directory
         self.feed: RevocationFeed | None = None
         self.notify: Callable[[int], None] | None = None  # told of breaker changes (a worker tells its parent)
+        self.keysets: dict[str, KeySet] = {}  # jwt key sets, by jwks_url: handed in by whoever fetches them
+        # Fetches the key sets itself (one process), or has them handed in by its parent (a worker), who is also
+        # who `refetch` asks for a key set again when a token names an unknown key.
+        self.supply = JwksSupply(state, self.control) if fetch_keys else None
+        self.refetch: Callable[[str], None] = self.supply.refetch if self.supply is not None else lambda url: None
         self._saved_changes = -1
         self._reuse_port = reuse_port
         self._runner: web.ServerRunner | None = None
@@ -63,7 +71,11 @@ class Serving:
         from .listener import ProxyServer
 
         cfg = self.loaded.config
-        memories = Memories(self._store_stack(cfg.store), DecisionLog(self.writer, self.loaded.sha256))
+        if self.supply is not None:  # the key sets first: readiness waits (a bounded time) for them
+            self.supply.configure(cfg)
+            await self.supply.ready(JwksSupply.startup_wait(cfg))
+        memories = Memories(self._store_stack(cfg.store), DecisionLog(self.writer, self.loaded.sha256),
+                            keysets=self.keysets)
         self._restore(memories.keys)
         self.runtime = Runtime(self.loaded, memories, workers=self.workers)
         self._start_feed(cfg.store)
@@ -166,7 +178,8 @@ class Serving:
         if cfg.store != old_cfg.store:
             old_store = self.store
             rehearsal = self.chaos.active() if self.chaos is not None else None
-            memories = Memories(self._store_stack(cfg.store), decisions, upstreams=old.upstreams)
+            memories = Memories(self._store_stack(cfg.store), decisions, upstreams=old.upstreams,
+                                keysets=self.keysets, tokens=old.memories.tokens)
             if rehearsal is not None and self.chaos is not None:
                 self.chaos.fault = rehearsal  # an outage rehearsal goes on for what is left of it, on the new store
             for digest, at in old.keys.revoked().items():  # a revocation is about the key, whatever the store
@@ -177,7 +190,10 @@ class Serving:
             self._start_feed(cfg.store)
             log.info("reload: `store` changed; new store client, breaker and stale state")
         else:
-            memories = Memories(old.store, decisions, old.local, old.keys, old.upstreams)
+            memories = Memories(old.store, decisions, old.local, old.keys, old.upstreams, self.keysets,
+                                old.memories.tokens)
+        if self.supply is not None:
+            self.supply.configure(cfg)
         new = Runtime(loaded, memories, workers=self.workers)
         self.proxy.runtime = self.runtime = new  # the atomic swap
         self.loaded = loaded
@@ -232,6 +248,20 @@ class Serving:
             self.chaos.clear()
             log.warning("chaos: store fault cleared")
             return {"ok": True}
+        if op == "jwks":  # a key set fetched (or failing to be) by whoever fetches it
+            url = str(cmd.get("url"))
+            keyset = self.keysets.get(url)
+            if keyset is None:
+                keyset = self.keysets[url] = KeySet(url, float(cmd.get("refresh") or 600.0))
+            keyset.refetch = functools.partial(self.refetch, url)
+            if cmd.get("jwks") is not None:
+                try:
+                    keyset.load(cmd["jwks"], float(cmd.get("fetched_at") or 0.0))
+                except ValueError as exc:
+                    return {"ok": False, "error": f"unusable key set: {exc}"}
+            if cmd.get("failure"):
+                keyset.failed(str(cmd["failure"]))
+            return {"ok": True}
         if op == "revoke":
             digest, at = cmd.get("hash"), cmd.get("at")
             if not isinstance(digest, str) or not isinstance(at, (int, float)):
@@ -259,6 +289,8 @@ class Serving:
         self.lag.stop()
         if self.feed is not None:
             await self.feed.stop()
+        if self.supply is not None:
+            await self.supply.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         for task in list(self._retiring):

@@ -149,6 +149,7 @@ class LimitGroup:
         elif low in ("authorization", "proxy-authorization"):
             self._credential = (None,)
         self._single = limits[0] if len(limits) == 1 else None
+        self._shapes: dict[str | None, tuple[object, ...]] = {}
         self._singles = (limits[0],)
         self._key_head = f"{key_prefix}rl:{{{route}:"
         self._fixed_key = self._key_head + "route}" if self.key_kind == "route" else None
@@ -186,11 +187,20 @@ class LimitGroup:
         if self._single is not None:  # one limit: the common case, without the lists
             op = self._single.op(key, plan)
             return None if op is None else _new_tuple(Planned, (op, self._singles, (op,)))
-        pairs = [(limit, op) for limit, op in ((limit, limit.op(key, plan)) for limit in self.limits) if op is not None]
-        if not pairs:
+        limits, ops = [], []
+        for limit in self.limits:
+            op = limit.op(key, plan)
+            if op is not None:
+                limits.append(limit)
+                ops.append(op)
+        if not ops:
             return None
-        ops = tuple(op for _, op in pairs)
-        return Planned(ops[0] if len(ops) == 1 else LimitsOp(ops), tuple(limit for limit, _ in pairs), ops)
+        if len(ops) == 1:
+            return Planned(ops[0], (limits[0],), (ops[0],))
+        shape = self._shapes.get(plan)
+        if shape is None:  # the same for every subject of a plan: made once
+            shape = self._shapes[plan] = tuple((o.algorithm, o.limit, o.window, o.burst, o.shadow) for o in ops)
+        return _new_tuple(Planned, (_new_tuple(LimitsOp, (tuple(ops), shape)), tuple(limits), tuple(ops)))
 
     # --- decide -----------------------------------------------------------------------------------------------
     def decide(self, planned: Planned, answer: object, memory: LocalLimiter, now: float) -> list[Verdict]:

@@ -148,12 +148,32 @@ class AuthDefaults(_Strict, kw_only=True, frozen=True):
     status_on_error: Status | None = None
     stale_for: Duration | None = None
     stale_fallback: Literal["open", "closed"] | None = None
+    # jwt only (merged only into jwt routes)
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    secret: str | None = None
+    issuer: str | None = None
+    audiences: list[str] | None = None
+    algorithms: list[str] | None = None
+    principal_claim: str | None = None
+    scopes_claim: str | None = None
+    plan_claim: str | None = None
+    leeway: Duration | None = None
+    jwks_refresh: Duration | None = None
+    jwks_timeout: Duration | None = None
+    jwks_startup_wait: Duration | None = None
+
+
+# The keys of `auth` that only one type uses (`defaults.auth` merges a key into a route only when its type uses it).
+API_KEY_ONLY = frozenset({"cache_for"})
+JWT_ONLY = frozenset({"jwks_url", "jwks_file", "secret", "issuer", "audiences", "algorithms", "principal_claim",
+                      "scopes_claim", "plan_claim", "leeway", "jwks_refresh", "jwks_timeout", "jwks_startup_wait"})
 
 
 class Auth(_Strict, kw_only=True, frozen=True):
-    type: Literal["api_key"]
+    type: Literal["api_key", "jwt"]
     header: str = "Authorization"
-    scheme: str | None = None
+    scheme: str | None = None  # api_key: none; jwt: Bearer
     scopes: list[str] = msgspec.field(default_factory=list)
     cache_for: Duration = Duration(0.0)
     forward_credentials: bool = True
@@ -161,6 +181,20 @@ class Auth(_Strict, kw_only=True, frozen=True):
     status_on_error: Status = 503
     stale_for: Duration = Duration(300.0)
     stale_fallback: Literal["open", "closed"] | None = None
+    # --- jwt ---
+    jwks_url: str | None = None  # the identity provider's key set, fetched in the background
+    jwks_file: str | None = None  # or a key set on disk (no dependency then)
+    secret: str | None = None  # for HS* algorithms (use ${VAR})
+    issuer: str | None = None
+    audiences: list[str] = msgspec.field(default_factory=list)
+    algorithms: list[str] | None = None
+    principal_claim: str = "sub"
+    scopes_claim: str = "scope"
+    plan_claim: str | None = None
+    leeway: Duration = Duration(30.0)
+    jwks_refresh: Duration = Duration(600.0)
+    jwks_timeout: Duration = Duration(2.0)
+    jwks_startup_wait: Duration = Duration(5.0)
 
 
 class RateLimitDefaults(_Strict, kw_only=True, frozen=True):

@@ -11,7 +11,7 @@ from yarl import URL
 
 from ..routing import BadTarget, normalize_path
 from .errors import ConfigError
-from .schema import format_duration
+from .schema import JWT_ONLY, Auth, format_duration
 from .values import is_loopback, redact_url, resolve_workers
 
 if TYPE_CHECKING:
@@ -158,6 +158,10 @@ def _validate_match(route, rp, fail) -> None:  # type: ignore[no-untyped-def]
         raise fail(f"{rp}.match.host", f"expected a host name such as api.example.com, got {m.host!r}")
 
 
+_ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
+_HMAC = frozenset({"HS256", "HS384", "HS512"})
+
+
 def _validate_auth(route, rp, fail) -> None:  # type: ignore[no-untyped-def]
     a = route.auth
     p = f"{rp}.auth"
@@ -176,6 +180,50 @@ def _validate_auth(route, rp, fail) -> None:  # type: ignore[no-untyped-def]
                        f"{format_duration(a.stale_for)}")
     if a.cache_for < 0:
         raise fail(f"{p}.cache_for", "expected a duration of 0s or more")
+    if a.type == "jwt":
+        _validate_jwt(a, p, fail)
+        return
+    plain = Auth(type="api_key")
+    for key in sorted(JWT_ONLY):
+        if getattr(a, key) != getattr(plain, key):
+            raise fail(f"{p}.{key}", "only applies to type: jwt")
+
+
+def _validate_jwt(a, p, fail) -> None:  # type: ignore[no-untyped-def]
+    if a.cache_for:
+        raise fail(f"{p}.cache_for", "only applies to type: api_key (a jwt route remembers the tokens it verified "
+                   "until they expire)")
+    if not a.algorithms:
+        raise fail(f"{p}.algorithms", "required for type: jwt — the algorithms tokens may be signed with, such as "
+                   "[RS256, ES256]")
+    for j, alg in enumerate(a.algorithms):
+        if alg not in _ASYMMETRIC | _HMAC:
+            hint = " (`none` is never accepted)" if alg.lower() == "none" else ""
+            raise fail(f"{p}.algorithms[{j}]", f"expected one of {', '.join(sorted(_ASYMMETRIC | _HMAC))}, got "
+                       f"{alg!r}{hint}")
+    asymmetric = [alg for alg in a.algorithms if alg in _ASYMMETRIC]
+    hmac = [alg for alg in a.algorithms if alg in _HMAC]
+    if hmac and not a.secret:
+        raise fail(f"{p}.secret", f"required with {', '.join(hmac)} (use ${{VAR}} to keep it out of the file)")
+    if a.secret and not hmac:
+        raise fail(f"{p}.secret", "only applies to HS256, HS384 or HS512 in algorithms")
+    if asymmetric and not (a.jwks_url or a.jwks_file):
+        raise fail(p, f"{', '.join(asymmetric)} need the identity provider's keys: jwks_url (fetched in the "
+                   "background) or jwks_file")
+    if a.jwks_url and a.jwks_file:
+        raise fail(f"{p}.jwks_file", "give jwks_url or jwks_file, not both")
+    if a.jwks_url is not None:
+        url = URL(a.jwks_url) if "://" in a.jwks_url else None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise fail(f"{p}.jwks_url", f"expected an http:// or https:// URL, got {a.jwks_url!r}")
+        if a.on_store_error == "stale" and a.stale_for <= 2 * a.jwks_refresh:
+            raise fail(f"{p}.stale_for", f"must be more than 2 x jwks_refresh ({format_duration(a.jwks_refresh)}): "
+                       "the key set only goes stale after two refreshes failed")
+        for key in ("jwks_refresh", "jwks_timeout"):
+            if getattr(a, key) <= 0:
+                raise fail(f"{p}.{key}", "expected a duration greater than 0")
+    if a.jwks_file is not None and not os.path.isfile(a.jwks_file):
+        raise fail(f"{p}.jwks_file", f"no such file: {a.jwks_file}")
 
 
 def _validate_rate_limit(route, r, p, fail) -> None:  # type: ignore[no-untyped-def]

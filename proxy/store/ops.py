@@ -19,12 +19,12 @@ class RateOp(NamedTuple):
     shadow: bool = False  # counted and reported, never denies (and never stops the others of a LimitsOp counting)
 
 
-@dataclass(frozen=True, slots=True)
-class LimitsOp:
+class LimitsOp(NamedTuple):
     """Several limits on one subject, decided together: a request one of them denies consumes nothing from the
     others. The store answers with one RateResult per limit, in order."""
 
     limits: tuple[RateOp, ...]
+    shape: tuple[object, ...] = ()  # everything but the keys, for a store that packs the call once per shape
 
 
 @dataclass(frozen=True, slots=True)

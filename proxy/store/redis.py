@@ -19,7 +19,7 @@ from redis.asyncio.connection import SSLConnection, parse_url
 from ..checks.algorithms import CODES
 from ..observe.metrics import store_error
 from .errors import StoreUnavailable
-from .ops import GetOp, Op, RateOp, RateResult
+from .ops import GetOp, LimitsOp, Op, RateOp, RateResult
 from .resp import Endpoint, PipelinedClient
 
 
@@ -95,7 +95,8 @@ class RedisStore:
         limits = _limits_of(op)
         if limits[0].now is not None:
             return _pack_limits(limits, _limit_parts(limits))
-        shape = tuple((o.algorithm, o.limit, o.window, o.burst, o.shadow) for o in limits)
+        shape = op.shape if type(op) is LimitsOp and op.shape else \
+            tuple((o.algorithm, o.limit, o.window, o.burst, o.shadow) for o in limits)
         parts = self._parts.get(shape)
         if parts is None:
             parts = self._shape(shape, limits)

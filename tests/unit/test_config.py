@@ -115,8 +115,25 @@ CASES = [
      "f.yaml: routes[0].rate_limit.on_store_error: expected one of: open, closed, stale; got 'sometimes'"),
     (ROUTE + "    rate_limit: {limit: 10, per: 1m, on_store_error: open, algorithm: leaky}\n",
      "f.yaml: routes[0].rate_limit.algorithm: expected one of: fixed_window, sliding_window, gcra; got 'leaky'"),
+    (ROUTE + "    auth: {type: oauth, on_store_error: closed}\n",
+     "f.yaml: routes[0].auth.type: expected one of: api_key, jwt; got 'oauth'"),
     (ROUTE + "    auth: {type: jwt, on_store_error: closed}\n",
-     "f.yaml: routes[0].auth.type: expected one of: api_key; got 'jwt'"),
+     "f.yaml: routes[0].auth.algorithms: required for type: jwt — the algorithms tokens may be signed with, such "
+     "as [RS256, ES256]"),
+    (ROUTE + "    auth: {type: jwt, algorithms: [none], jwks_url: 'http://i/k', on_store_error: closed}\n",
+     "f.yaml: routes[0].auth.algorithms[0]: expected one of ES256, ES384, ES512, EdDSA, HS256, HS384, HS512, PS256, "
+     "PS384, PS512, RS256, RS384, RS512, got 'none' (`none` is never accepted)"),
+    (ROUTE + "    auth: {type: jwt, algorithms: [HS256], on_store_error: closed}\n",
+     "f.yaml: routes[0].auth.secret: required with HS256 (use ${VAR} to keep it out of the file)"),
+    (ROUTE + "    auth: {type: jwt, algorithms: [RS256], on_store_error: closed}\n",
+     "f.yaml: routes[0].auth: RS256 need the identity provider's keys: jwks_url (fetched in the background) or "
+     "jwks_file"),
+    (ROUTE + "    auth: {type: jwt, algorithms: [RS256], jwks_url: 'http://i/k', on_store_error: stale, "
+     "stale_fallback: closed, stale_for: 15m}\n",
+     "f.yaml: routes[0].auth.stale_for: must be more than 2 x jwks_refresh (10m): the key set only goes stale after "
+     "two refreshes failed"),
+    (ROUTE + "    auth: {type: api_key, issuer: x, on_store_error: closed}\n",
+     "f.yaml: routes[0].auth.issuer: only applies to type: jwt"),
     (ROUTE + "    auth: {type: api_key, on_store_error: closed, status_on_error: 200}\n",
      "f.yaml: routes[0].auth.status_on_error: expected int >= 400, got 200"),
     # --- meaning ---
