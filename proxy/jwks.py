@@ -311,7 +311,7 @@ class JwksSupply:
     def _publish(self, url: str, jwks: Any, fetched_at: float, failure: str | None) -> None:
         fetcher = self.fetchers.get(url)
         cmd = {"op": "jwks", "url": url, "jwks": jwks, "fetched_at": fetched_at, "failure": failure,
-               "refresh": fetcher.refresh if fetcher is not None else 600.0}
+               "refresh": float(fetcher.refresh) if fetcher is not None else 600.0}
         if failure is not None and url in self.last:
             cmd = {**self.last[url], "failure": failure}  # a new worker must still get the last good set
         self.last[url] = cmd

@@ -53,7 +53,7 @@ class JwksServer:
     async def start(self) -> JwksServer:
         app = web.Application()
         app.router.add_get("/jwks.json", self._serve)
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
         return self

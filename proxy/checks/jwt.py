@@ -97,7 +97,7 @@ class JwtCheck(CheckKind):
                                   basis="stale", fallback="closed")
 
         return degraded("jwt", self.mode, failure, status=self.cfg.status_on_error, retry_after=self.retry_after,
-                        remembered=remembered), None
+                        remembered=remembered, check="auth"), None
 
     # --- verification -----------------------------------------------------------------------------------------
     def _verify(self, token: str, now: float, **tag: Any) -> Verdict:

@@ -1,0 +1,221 @@
+"""JWT auth through the real proxy, against a real JWKS endpoint (aiohttp, keys made with `cryptography`): every
+token rule, key rotation, and the identity provider failing in every way, for a route in each fail mode."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from tests.helpers import InProcessProxy, ProxyProcess, RawResponse, Upstream, config_text, raw_request
+from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, Key
+
+
+def route(idp: JwksServer, mode: str = "stale", *, name: str = "pay", refresh: str = "10m", extra: str = "") -> str:
+    stale = "stale_for: 1h, stale_fallback: closed, " if mode == "stale" else ""
+    return (f"- name: {name}\n  match: {{path: /{name}}}\n  upstream: api\n"
+            f"  auth: {{type: jwt, jwks_url: '{idp.url}', issuer: '{ISSUER}', audiences: [{AUDIENCE}], "
+            f"algorithms: [RS256, ES256], scopes: [payments:write], plan_claim: plan, jwks_refresh: {refresh}, "
+            f"jwks_timeout: 300ms, jwks_startup_wait: 2s, {stale}{extra}on_store_error: {mode}}}\n")
+
+
+@pytest.fixture
+async def idp() -> AsyncIterator[JwksServer]:
+    server = await JwksServer().start()
+    yield server
+    await server.stop()
+
+
+async def call(p: InProcessProxy | ProxyProcess, token: str, path: str = "/pay") -> RawResponse:
+    return await raw_request(p.port, path, headers={"Authorization": f"Bearer {token}"})
+
+
+async def until(what: str, predicate: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.05)
+
+
+def forged_hs256(key: Key) -> str:
+    """The classic algorithm confusion: HS256 signed with the RSA public key (PEM) as the HMAC secret."""
+    pem = key.private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    import hashlib
+    import hmac
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": key.kid}).encode())
+    body = b64(json.dumps({"iss": ISSUER, "aud": AUDIENCE, "sub": "eve", "scope": "payments:write",
+                           "exp": int(time.time()) + 600}).encode())
+    sig = b64(hmac.new(pem, head + b"." + body, hashlib.sha256).digest())
+    return (head + b"." + body + b"." + sig).decode()
+
+
+def alg_none(key: Key) -> str:
+    head = base64.urlsafe_b64encode(json.dumps({"alg": "none", "kid": key.kid}).encode()).rstrip(b"=")
+    body = base64.urlsafe_b64encode(json.dumps({"iss": ISSUER, "aud": AUDIENCE, "sub": "eve",
+                                                "scope": "payments:write", "exp": int(time.time()) + 600})
+                                    .encode()).rstrip(b"=")
+    return (head + b"." + body + b".").decode()
+
+
+async def test_every_token_rule(upstream: Upstream, idp: JwksServer) -> None:
+    rsa, ec = idp.keys
+    async with InProcessProxy(config_text(upstream.url, route(idp))) as p:
+        for key in (rsa, ec):
+            r = await call(p, key.token(plan="pro"))
+            assert (r.status, r.headers.get("failgate-degraded")) == (200, None), r.body
+            headers = dict(upstream.seen[-1]["headers"])
+            assert (headers["X-Failgate-Principal"], headers["X-Failgate-Scopes"],
+                    headers["X-Failgate-Plan"]) == ("ann", "payments:write", "pro")
+        refused = {
+            "expired": rsa.token(exp=time.time() - 120),
+            "not yet valid": rsa.token(nbf=int(time.time()) + 600),
+            "wrong issuer": rsa.token(iss="https://evil.test/"),
+            "wrong audience": rsa.token(aud="other-api"),
+            "alg none": alg_none(rsa),
+            "HS256 with the public key as secret": forged_hs256(rsa),
+            "unknown kid": rsa.token(kid="nobody"),
+            "garbage": "not.a.token",
+            "20 KB": rsa.token(padding="x" * 20_000),
+            "signed by another key": Key("rsa-1", "RS256").token(),
+        }
+        for what, token in refused.items():
+            r = await call(p, token)
+            assert r.status == 401, what
+            assert r.headers["www-authenticate"] == 'Bearer error="invalid_token"', what
+        r = await call(p, rsa.token(scope="reports"))
+        assert (r.status, r.json()["error"]) == (403, "forbidden")
+        r = await raw_request(p.port, "/pay")
+        assert r.headers["www-authenticate"] == 'Bearer realm="failgate"' and r.status == 401
+
+
+async def test_key_rotation_is_picked_up_on_refresh_and_on_an_unknown_kid(upstream: Upstream,
+                                                                          idp: JwksServer) -> None:
+    old = idp.keys[0]
+    async with InProcessProxy(config_text(upstream.url, route(idp, refresh="1s", extra=""))) as p:
+        assert (await call(p, old.token())).status == 200
+        new = Key("rsa-2", "RS256")
+        idp.keys = [new, idp.keys[1]]  # rotated: a new key published, the old one removed
+        fetches = idp.fetches
+        assert (await call(p, new.token())).status in (200, 401)  # an unknown kid asks for a refetch at once
+
+        async def new_key_works() -> bool:
+            return (await call(p, new.token())).status == 200
+
+        await until("the new key verifies", new_key_works, timeout=5)
+        assert idp.fetches > fetches
+
+        async def old_key_refused() -> bool:
+            return (await call(p, old.token())).status == 401
+
+        await until("a token of the removed key is refused", old_key_refused, timeout=5)
+
+
+QUICK = {("stale", "refuse"), ("closed", "hang"), ("open", "error"), ("stale", "garbage")}
+
+
+@pytest.mark.parametrize(("mode", "failure"), [
+    pytest.param(mode, failure, marks=() if (mode, failure) in QUICK else (pytest.mark.slow,))
+    for mode in ("stale", "closed", "open") for failure in ("refuse", "hang", "error", "garbage")])
+async def test_the_identity_provider_failing(upstream: Upstream, idp: JwksServer, mode: str, failure: str) -> None:
+    log = io.StringIO()
+    text = config_text(upstream.url, route(idp, mode, refresh="1s"))
+    async with InProcessProxy(text, log_stream=log) as p:
+        token = idp.keys[0].token()
+        assert (await call(p, token)).status == 200
+        if failure == "refuse":
+            await idp.stop()
+        else:
+            idp.mode = failure
+        reason = {"refuse": "unavailable", "hang": "timeout", "error": "error", "garbage": "error"}[failure]
+
+        async def degraded() -> bool:
+            return "failgate-degraded" in (await call(p, token)).headers
+
+        await until("the key set is no longer fresh", degraded)  # after 2 x jwks_refresh
+        rs = await asyncio.gather(*(call(p, token) for _ in range(20)))  # under some load
+        tags = {r.headers["failgate-degraded"].rsplit(";age=", 1)[0] for r in rs}
+        if mode == "stale":
+            assert {r.status for r in rs} == {200} and tags == {f"auth;mode=stale;reason={reason}"}
+            assert all(float(r.headers["failgate-degraded"].rsplit("age=", 1)[1]) >= 2 for r in rs)
+            assert (await call(p, idp.keys[0].token(exp=1))).status == 401  # a token's own validity still holds
+        elif mode == "closed":
+            assert {r.status for r in rs} == {503} and tags == {f"auth;mode=closed;reason={reason}"}
+        else:
+            assert {r.status for r in rs} == {200} and tags == {f"auth;mode=open;reason={reason}"}
+            assert (await call(p, "garbage")).status == 401  # open verifies with what it holds
+        assert dict(upstream.seen[-1]["headers"]).get("Failgate-Degraded") if mode != "closed" else True
+    lines = [json.loads(x) for x in log.getvalue().splitlines() if x.startswith("{")]
+    assert any(x.get("check") == "auth" and x.get("basis") == mode and x.get("reason") == reason for x in lines)
+
+
+async def test_the_identity_provider_down_at_start_serves_the_fallback_after_the_wait(
+        upstream: Upstream, idp: JwksServer) -> None:
+    await idp.stop()
+    started = time.monotonic()
+    async with InProcessProxy(config_text(upstream.url, route(idp))) as p:
+        assert time.monotonic() - started < 10  # ready after jwks_startup_wait (2s), not blocked
+        r = await call(p, idp.keys[0].token())
+        assert (r.status, r.headers["failgate-degraded"]) == (503, "auth;mode=stale;reason=unavailable;"
+                                                                     "fallback=closed")
+
+
+async def test_random_kids_cannot_hammer_the_idp_nor_age_the_set(upstream: Upstream, idp: JwksServer,
+                                                                tmp_path: Path) -> None:
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(config_text(upstream.url, route(idp), extra="workers: 2\nstore: {url: 'redis://127.0.0.1:1/0'}\n"))
+    p = ProxyProcess(cfg).start()
+    try:
+        await p.wait_ready(workers=2)
+        token = idp.keys[0].token()
+        assert (await call(p, token)).status == 200
+        before = idp.fetches
+        flood = [idp.keys[0].token(kid=os.urandom(8).hex()) for _ in range(200)]
+        rs = await asyncio.gather(*(call(p, t) for t in flood))
+        assert {r.status for r in rs} == {401}
+        await asyncio.sleep(0.5)  # let any refetch they asked for happen (there must be at most one)
+        assert idp.fetches - before <= 1
+        r = await call(p, token)
+        assert (r.status, r.headers.get("failgate-degraded")) == (200, None)  # the set is as fresh as before
+    finally:
+        p.stop()
+
+
+async def test_a_restart_while_the_idp_is_down_verifies_with_the_saved_set(upstream: Upstream, idp: JwksServer,
+                                                                          tmp_path: Path) -> None:
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(config_text(upstream.url, route(idp, refresh="1s")))
+    state = tmp_path / "state"
+    p = ProxyProcess(cfg, "--state-dir", str(state)).start()
+    try:
+        await p.wait_ready()
+        assert (await call(p, idp.keys[0].token())).status == 200
+    finally:
+        p.stop()
+    assert any(f.name.startswith("jwks-") for f in state.iterdir())
+    await idp.stop()
+    await asyncio.sleep(2.1)  # the saved set is older than 2 x jwks_refresh: it must be served as stale
+    p = ProxyProcess(cfg, "--state-dir", str(state), port=p.port, admin_port=p.admin_port).start()
+    try:
+        await p.wait_ready()
+        r = await call(p, idp.keys[0].token())
+        assert r.status == 200
+        tag = r.headers["failgate-degraded"]
+        assert tag.startswith("auth;mode=stale;reason=unavailable;age=") and int(tag.rsplit("=", 1)[1]) >= 2
+    finally:
+        p.stop()
+    _ = jwt  # (PyJWT signs the test tokens, in jwks_server.py)
