@@ -38,8 +38,16 @@ def describe(loaded: LoadedConfig) -> str:
             if a.on_store_error == "closed":
                 extra = f", status {a.status_on_error}"
             scopes = f" scopes {','.join(a.scopes)}" if a.scopes else ""
-            lines.append(f"      auth: api_key in {a.header}{' ' + a.scheme if a.scheme else ''}{scopes}; "
-                         f"on_store_error {a.on_store_error} ({how}){extra}")
+            if a.type == "jwt":
+                source = (f"keys from {a.jwks_url} (refreshed every {format_duration(a.jwks_refresh)})" if a.jwks_url
+                          else f"keys from {a.jwks_file}" if a.jwks_file else "a shared secret")
+                lines.append(f"      auth: jwt ({','.join(a.algorithms or [])}) in {a.header} "
+                             f"{a.scheme or 'Bearer'}, {source}; issuer {a.issuer or 'any'}, audiences "
+                             f"{','.join(a.audiences) or 'any'};{scopes} on_store_error {a.on_store_error} ({how})"
+                             f" for the key set{extra}")
+            else:
+                lines.append(f"      auth: api_key in {a.header}{' ' + a.scheme if a.scheme else ''}{scopes}; "
+                             f"on_store_error {a.on_store_error} ({how}){extra}")
         for j, rl in enumerate(r.limits):
             where = (i, f"rate_limit[{j}]") if isinstance(r.rate_limit, list) else (i, "rate_limit")
             how = _how(inherited.get(where, frozenset()), "on_store_error")
@@ -74,9 +82,15 @@ def warnings(loaded: LoadedConfig) -> list[str]:
                 break
     out.extend(_fall_through(cfg.routes, matches))
     for i, r in enumerate(cfg.routes):
-        if r.auth is not None and r.auth.on_store_error == "open":
+        if r.auth is not None and r.auth.on_store_error == "open" and r.auth.type == "jwt":
+            out.append(f"routes[{i}].auth ({r.name}): on_store_error open keeps verifying with whatever key set is "
+                       "held, and lets every request through unauthenticated when none was ever fetched")
+        elif r.auth is not None and r.auth.on_store_error == "open":
             out.append(f"routes[{i}].auth ({r.name}): on_store_error open lets every request through "
                        "unauthenticated while the store cannot answer")
+        if r.auth is not None and r.auth.type == "jwt" and not (r.auth.issuer and r.auth.audiences):
+            out.append(f"routes[{i}].auth ({r.name}): without issuer and audiences, a token any client of the "
+                       "identity provider obtained for another service is accepted here")
         if r.auth is not None and r.auth.on_store_error == "stale" and r.auth.stale_fallback == "open":
             out.append(f"routes[{i}].auth ({r.name}): stale_fallback open lets credentials never seen before "
                        "through unauthenticated while the store cannot answer")

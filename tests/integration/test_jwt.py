@@ -219,3 +219,28 @@ async def test_a_restart_while_the_idp_is_down_verifies_with_the_saved_set(upstr
     finally:
         p.stop()
     _ = jwt  # (PyJWT signs the test tokens, in jwks_server.py)
+
+
+def test_check_explains_a_jwt_route_and_warns_about_open(idp_url: str = "https://idp.test/jwks.json") -> None:
+    from proxy.checkcmd import describe
+    from proxy.config import load_text
+
+    class Fake:
+        url = idp_url
+
+    text = config_text("http://127.0.0.1:9", route(Fake(), "open"))  # type: ignore[arg-type]
+    out = describe(load_text(text, "jwt.yaml"))
+    assert (f"auth: jwt (RS256,ES256) in Authorization Bearer, keys from {idp_url} (refreshed every 10m); issuer "
+            f"{ISSUER}, audiences {AUDIENCE}; scopes payments:write on_store_error open (declared) for the key "
+            "set") in out
+    assert "on_store_error open keeps verifying with whatever key set is held" in out
+
+
+async def test_key_set_metrics(upstream: Upstream, idp: JwksServer) -> None:
+    from proxy.observe.metrics import REGISTRY
+
+    async with InProcessProxy(config_text(upstream.url, route(idp, name="metered"))) as p:
+        assert (await call(p, idp.keys[0].token(), "/metered")).status == 200
+        ok = REGISTRY.get_sample_value("failgate_jwks_fetches_total", {"route": "metered", "result": "ok"})
+        age = REGISTRY.get_sample_value("failgate_jwks_age_seconds", {"route": "metered"})
+        assert ok is not None and ok >= 1 and age is not None and 0 <= age < 60
