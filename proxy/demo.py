@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from importlib import resources
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -32,10 +33,36 @@ async def _echo(request: web.Request) -> web.Response:
     })
 
 
-def echo_app() -> web.Application:
+def echo_app(jwks: Any = None) -> web.Application:
     app = web.Application()
+    if jwks is not None:  # the demo's identity provider: its key set, as an IdP publishes it
+        async def key_set(_: web.Request) -> web.Response:
+            return web.json_response(jwks)
+
+        app.router.add_get("/.well-known/jwks.json", key_set)
     app.router.add_route("*", "/{tail:.*}", _echo)
     return app
+
+
+class DemoIdentityProvider:
+    """An ES256 key made for this run: its public half as a JWKS, and a token for the demo's jwt route."""
+
+    def __init__(self) -> None:
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self._jwt = jwt
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        public = msgspec.json.decode(jwt.get_algorithm_by_name("ES256").to_jwk(self._key.public_key()))
+        self.jwks = {"keys": [{**public, "kid": "demo-1", "use": "sig", "alg": "ES256"}]}
+
+    def token(self, hours: int = 24) -> str:
+        import time
+
+        now = int(time.time())
+        return self._jwt.encode({"iss": "failgate-demo", "aud": "demo-api", "sub": "demo-user", "scope": "read",
+                                 "iat": now, "exp": now + hours * 3600}, self._key, algorithm="ES256",
+                                headers={"kid": "demo-1"})
 
 
 GUIDE = """
@@ -44,8 +71,9 @@ Failgate demo is running.
   admin  http://127.0.0.1:9901   (/metrics /healthz /readyz /config)
   echo   http://127.0.0.1:8081   (the API behind it: answers with what it received)
 
-A demo API key (principal "demo", scope "read") was created for this run:
+A demo API key (principal "demo", scope "read") and a JWT (subject "demo-user", valid 24 h) were made for this run:
   export KEY={key}
+  export TOKEN={token}
 
 Try:
   curl -si localhost:8080/public/hello                # forwarded; note the RateLimit headers
@@ -54,6 +82,7 @@ Try:
   curl -si localhost:8080/api/v1/users                # 401: no key
   curl -s -H "Authorization: Bearer $KEY" 'localhost:8080/api/v1/users?id=7'
                                                       # forwarded as /users?id=7 with X-Failgate-Principal: demo
+  curl -s -H "Authorization: Bearer $TOKEN" localhost:8080/jwt/me  # a JWT, verified with the demo's own JWKS
   curl -si -H "Authorization: Bearer $KEY" localhost:8080/admin     # 403: the key lacks the admin scope
   curl -si -X DELETE localhost:8080/api/v1/users      # 405: the route allows GET, POST
   curl -si 'localhost:8080/public/%2e%2e/admin'       # normalized to /admin before matching
@@ -103,7 +132,8 @@ async def _main() -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    runner = web.AppRunner(echo_app(), access_log=None)
+    idp = DemoIdentityProvider()
+    runner = web.AppRunner(echo_app(idp.jwks), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, ECHO_HOST, ECHO_PORT).start()
@@ -113,7 +143,7 @@ async def _main() -> int:
         await runner.cleanup()
         return 1
     def started(serving: object) -> None:
-        print(GUIDE.format(key=seed_demo_key(serving)), flush=True)
+        print(GUIDE.format(key=seed_demo_key(serving), token=idp.token()), flush=True)
 
     from .reload import ConfigState
 

@@ -93,13 +93,15 @@ async def test_demo_serves_the_echo_api_through_the_proxy_with_a_seeded_key() ->
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 20
-        key = None
-        while key is None:
+        key = token = None
+        while key is None or token is None:
             line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)
             assert line, "demo exited early"
             out += line
             if "export KEY=" in line:
                 key = line.split("KEY=", 1)[1].strip()
+            if "export TOKEN=" in line:
+                token = line.split("TOKEN=", 1)[1].strip()
             assert time.monotonic() < deadline
         async with aiohttp.ClientSession() as s:
             async with s.get("http://127.0.0.1:8080/api/v1/users?id=7") as r:
@@ -112,6 +114,11 @@ async def test_demo_serves_the_echo_api_through_the_proxy_with_a_seeded_key() ->
                 assert body["headers"]["X-Failgate-Principal"] == "demo"
             async with s.get("http://127.0.0.1:8080/admin", headers={"Authorization": f"Bearer {key}"}) as r:
                 assert r.status == 403
+            async with s.get("http://127.0.0.1:8080/jwt/me", headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200 and "Failgate-Degraded" not in r.headers  # verified, with a fresh key set
+                assert (await r.json())["headers"]["X-Failgate-Principal"] == "demo-user"
+            async with s.get("http://127.0.0.1:8080/jwt/me", headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 401  # an API key is not a JWT
             statuses = []
             for _ in range(6):
                 async with s.get("http://127.0.0.1:8080/public/x") as r:
