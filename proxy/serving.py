@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .app import Proxy
 
 log = logging.getLogger("failgate.serving")
+STORE_BREAKER = BREAKER_STATE.labels("store")
 
 
 class Serving:
@@ -104,14 +105,14 @@ class Serving:
         """client -> chaos switch -> breaker; the breaker's state goes to the gauge (and, in a worker, the parent)."""
         self.store = open_store(store_cfg)
         self.chaos = ChaosStore(self.store, store_cfg.timeout)
-        BREAKER_STATE.set(0)
+        STORE_BREAKER.set(0)
         self.breaker = Breaker(store_cfg.breaker.failures, store_cfg.breaker.open_for, on_change=self._breaker_changed)
         self.stack = BreakerStore(self.chaos, self.breaker)
         return self.stack
 
     def _breaker_changed(self, state: int) -> None:
         """A dependency's state change: the gauge, one structured line, and the parent (in a worker)."""
-        BREAKER_STATE.set(state)
+        STORE_BREAKER.set(state)
         if self.runtime is not None:
             self.runtime.decisions.event({"event": "dependency", "dependency": "store", "breaker": NAMES[state]})
         if self.notify is not None:

@@ -66,7 +66,8 @@ REVOCATIONS = Counter(
 )
 
 BREAKER_STATE = Gauge(
-    "failgate_breaker_state", "The store breaker of each process: 0 closed, 1 half-open, 2 open",
+    "failgate_breaker_state", "Each process's breaker of each dependency (`store`; later one per Cluster node, "
+    "authorizer…): 0 closed, 1 half-open, 2 open", ["dependency"],
     registry=REGISTRY, multiprocess_mode="liveall",
 )
 

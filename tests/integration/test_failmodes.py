@@ -64,7 +64,7 @@ async def test_paused_store_breaker_opens_then_recovers_with_exact_counts(upstre
             slow += took > 1.0  # generous: store.timeout is 150 ms
         assert reasons[:3] == ["timeout"] * 3 and reasons[3:] == ["breaker_open"] * 9
         assert slow == 0
-        assert sample("failgate_breaker_state", {}) == 2
+        assert sample("failgate_breaker_state", {"dependency": "store"}) == 2
         # while open, nobody waits: a burst of concurrent requests is answered at once, gates closed
         started = time.perf_counter()
         rs = await asyncio.gather(*(raw_request(p.port, "/gate") for _ in range(50)))
@@ -79,7 +79,7 @@ async def test_paused_store_breaker_opens_then_recovers_with_exact_counts(upstre
         await asyncio.sleep(1.1)  # open_for passes: the next request is the probe
         r = await raw_request(p.port, "/exact")
         assert r.status == 200 and "failgate-degraded" not in r.headers
-        assert sample("failgate_breaker_state", {}) == 0
+        assert sample("failgate_breaker_state", {"dependency": "store"}) == 0
         statuses = [(await raw_request(p.port, "/exact")).status for _ in range(6)]
         assert statuses == [200, 200, 200, 200, 429, 429]  # exact counting again: 5 in all
     await asyncio.sleep(0.1)
@@ -148,7 +148,7 @@ async def test_malformed_input_cannot_open_the_breaker(upstream: Upstream, redis
         rs = await asyncio.gather(*(raw_request(p.port, "/login", headers={"Authorization": f"k{i}"})
                                     for i in range(100)))
         assert {r.status for r in rs} == {401}
-        assert sample("failgate_breaker_state", {}) == 0
+        assert sample("failgate_breaker_state", {"dependency": "store"}) == 0
         r = await raw_request(p.port, "/guard")
         assert r.status == 200 and "failgate-degraded" not in r.headers
 
