@@ -78,17 +78,11 @@ class RevocationFeed:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 channel = log_key(self.prefix)
-                try:
-                    await pubsub.subscribe(channel)
-                except redis.exceptions.NoPermissionError as exc:
-                    if self.state != "no channel permission":
-                        log.error("the store user may not subscribe to %s (%s): revocations made elsewhere reach "
-                                  "this process only from the log, read every 10s; grant the channel (ACL "
-                                  "&%s) so they arrive at once", channel, exc, channel)
-                    self.state = "no channel permission"
+                if self.state == "no channel permission":  # the log alone, read every 10 s
                     await self._replay(client)
                     await asyncio.sleep(10)
                     continue
+                await pubsub.subscribe(channel)
                 await self._replay(client)  # after subscribing: nothing published meanwhile can be missed
                 self.state = "subscribed"
                 backoff = 0.2
@@ -99,6 +93,12 @@ class RevocationFeed:
                     if message.get("type") == "message":
                         digest, _, when = message["data"].decode().partition(" ")
                         self.apply(digest, float(when or time.time()), "publish")
+            except redis.exceptions.NoPermissionError as exc:  # (Redis says so with the first reply read)
+                log.error("the store user may not subscribe to %s (%s): revocations made elsewhere reach this "
+                          "process only from the log, read every 10s; grant the channel (ACL &%s) so they arrive "
+                          "at once", log_key(self.prefix), exc, log_key(self.prefix))
+                self.state = "no channel permission"
+                continue
             except asyncio.CancelledError:
                 raise
             except (redis.exceptions.RedisError, OSError) as exc:

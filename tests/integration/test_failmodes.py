@@ -84,6 +84,8 @@ async def test_paused_store_breaker_opens_then_recovers_with_exact_counts(upstre
         assert statuses == [200, 200, 200, 200, 429, 429]  # exact counting again: 5 in all
     await asyncio.sleep(0.1)
     lines = [json.loads(x) for x in log.getvalue().splitlines()]
+    changes = [x["breaker"] for x in lines if x.get("event") == "dependency" and x.get("dependency") == "store"]
+    assert changes == ["open", "half-open", "closed"]  # one structured line per state change
     degraded = [x for x in lines if x.get("route") == "guard"]
     assert len(degraded) == 12
     assert {(x["check"], x["decision"], x["basis"], x["status"]) for x in degraded} == {

@@ -243,3 +243,21 @@ async def test_a_flood_of_client_chosen_keys_cannot_fill_redis(upstream: Upstrea
             p.stop()
     finally:
         redis_server.stop()
+
+
+async def test_a_store_user_that_may_not_use_the_revocation_channel_is_reported_at_start(
+        upstream: Upstream, redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    # An ACL user that may run commands on every key, but on no pub/sub channel.
+    assert redis_server.command("ACL", "SETUSER", "narrow", "on", ">pw", "~*", "+@all", "resetchannels") \
+        .startswith(b"+OK")
+    url = f"redis://narrow:pw@127.0.0.1:{redis_server.port}/0"
+    with caplog.at_level(logging.ERROR, logger="failgate.revocations"):
+        async with InProcessProxy(config_text(upstream.url, ROUTES.replace("FALLBACK", "closed"),
+                                              extra=store(url))) as p:
+            async def reported() -> bool:
+                return any("may not subscribe" in r.getMessage() for r in caplog.records)
+
+            await until(reported, "the missing channel permission is reported")
+            assert p.serving.state()["revocations"] == "no channel permission"
