@@ -31,14 +31,15 @@ def _control(*args: str) -> None:
 
 
 def _measure(pid: int, out: Path, url: str, seconds: float, concurrency: int,
-             headers: list[tuple[str, str]]) -> tuple[int, int]:
+             headers: list[tuple[str, str]], rotate: list[tuple[str, str]] | None = None) -> tuple[int, int]:
     """(instructions, responses) for one scenario."""
-    # warm the path (imports, caches, pooled connections) before counting
-    run_load(Options(url, concurrency=1, duration=0.5, warmup=0.0, progress=False, headers=headers))
+    # warm the path (imports, caches, pooled connections; every rotated token seen once) before counting
+    run_load(Options(url, concurrency=8 if rotate else 1, duration=8.0 if rotate else 0.5, warmup=0.0,
+                     progress=False, headers=headers, rotate=rotate or []))
     _control("-z", str(pid))
     _control("-i", "on", str(pid))
     result = run_load(Options(url, concurrency=concurrency, duration=seconds, warmup=0.0, progress=False,
-                              headers=headers))
+                              headers=headers, rotate=rotate or []))
     _control("-i", "off", str(pid))
     before = set(out.parent.glob(out.name + ".*"))
     _control("-d", str(pid))
@@ -51,6 +52,22 @@ def _measure(pid: int, out: Path, url: str, seconds: float, concurrency: int,
     time.sleep(0.2)
     total = int(re.search(r"^totals: (\d+)", dump.read_text(), re.M).group(1))  # type: ignore[union-attr]
     return total, result.requests
+
+
+def _jwt_tokens(jwks_path: Path, n: int) -> list[tuple[str, str]]:
+    """A key set on disk and `n` distinct valid ES256 tokens for it (as Authorization headers)."""
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = json.loads(jwt.get_algorithm_by_name("ES256").to_jwk(key.public_key()))
+    jwks_path.write_text(json.dumps({"keys": [{**public, "kid": "bench", "use": "sig", "alg": "ES256"}]}))
+    exp = int(time.time()) + 3600
+    return [("Authorization", "Bearer " + jwt.encode({"iss": "bench", "aud": "bench", "sub": f"user-{i}",
+                                                       "exp": exp}, key, algorithm="ES256",
+                                                      headers={"kid": "bench"})) for i in range(n)]
 
 
 def main() -> int:
@@ -82,8 +99,9 @@ def main() -> int:
         bearer = [("Authorization", f"Bearer {key}")]
         runs: dict[str, list[tuple[int, int]]] = {}
 
-        def measure(name: str, pid: int, out: Path, url: str, hdrs: list[tuple[str, str]]) -> None:
-            runs.setdefault(name, []).append(_measure(pid, out, url, args.seconds, args.concurrency, hdrs))
+        def measure(name: str, pid: int, out: Path, url: str, hdrs: list[tuple[str, str]],
+                    rotate: list[tuple[str, str]] | None = None) -> None:
+            runs.setdefault(name, []).append(_measure(pid, out, url, args.seconds, args.concurrency, hdrs, rotate))
 
         ref_port = _port()
         out = work / "ref.cg"
@@ -96,7 +114,8 @@ def main() -> int:
                       f"redis://127.0.0.1:{rport}/0"], ref2_port)
         fg_port, fg_admin = _port(), _port()
         cfg = work / "failgate.yaml"
-        _failgate_config(cfg, fg_port, fg_admin, up, f"redis://127.0.0.1:{rport}/0")
+        tokens = _jwt_tokens(work / "jwks.json", 1000)
+        _failgate_config(cfg, fg_port, fg_admin, up, f"redis://127.0.0.1:{rport}/0", jwks_file=work / "jwks.json")
         text = cfg.read_text().replace("timeout: 50ms", "timeout: 5s")  # callgrind is slow: no spurious timeouts
         cfg.write_text(text)
         out3 = work / "fg.cg"
@@ -105,12 +124,14 @@ def main() -> int:
         base = f"http://127.0.0.1:{fg_port}"
         scenarios = (("failgate passthrough", "/pass", []), ("failgate rate_limit sliding", "/rl/sliding", []),
                      ("failgate two limits, one key", "/rl/two", []),
-                     ("failgate auth", "/auth", bearer), ("failgate auth + rate_limit", "/auth-rl", bearer))
+                     ("failgate auth", "/auth", bearer), ("failgate auth + rate_limit", "/auth-rl", bearer),
+                     ("failgate auth from cache_for", "/auth-cached", bearer))
         for _ in range(args.rounds):
             measure("reference proxy", ref.pid, out, f"http://127.0.0.1:{ref_port}/x", [])
             measure("reference proxy + 1 store call", ref2.pid, out2, f"http://127.0.0.1:{ref2_port}/x", [])
             for name, path, hdrs in scenarios:
                 measure(name, fg.pid, out3, base + path, hdrs)
+            measure("failgate jwt, 1,000 tokens", fg.pid, out3, base + "/jwt", [], tokens)
         rows = [(name, statistics.median(total / n for total, n in results if n), sum(n for _, n in results))
                 for name, results in runs.items()]
         print(f"instructions per request (callgrind), {args.concurrency} connections, {args.seconds:g}s each, "

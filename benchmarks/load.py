@@ -33,6 +33,7 @@ class Options:
     duration: float = 10.0
     rate: float | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
+    rotate: list[tuple[str, str]] = field(default_factory=list)  # one more header, taking these values in turn
     method: str = "GET"
     body: bytes = b""
     procs: int = 1
@@ -113,7 +114,12 @@ class _Conn(asyncio.Protocol):
     def send(self, intended: float) -> None:
         self.intended = intended
         assert self.transport is not None
-        self.transport.write(self.gen.request)
+        gen = self.gen
+        if gen.requests:
+            gen.sent += 1
+            self.transport.write(gen.requests[gen.sent % len(gen.requests)])
+        else:
+            self.transport.write(gen.request)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
@@ -172,6 +178,9 @@ class _Generator:
         if opts.body or opts.method in ("POST", "PUT", "PATCH"):
             head += f"Content-Length: {len(opts.body)}\r\n"
         self.request = head.encode("latin-1") + b"\r\n" + opts.body
+        # With `rotate`, every request carries the next value of one more header (1,000 tokens, say): built once.
+        self.requests = [(head + f"{k}: {v}\r\n").encode("latin-1") + b"\r\n" + opts.body for k, v in opts.rotate]
+        self.sent = 0
         self.opts = opts
         self.connections = connections
         self.rate = rate

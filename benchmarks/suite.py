@@ -125,8 +125,15 @@ class Bench:
         return row
 
 
-def _failgate_config(path: Path, port: int, admin: int, upstream: int, store_url: str) -> None:
+def _failgate_config(path: Path, port: int, admin: int, upstream: int, store_url: str,
+                     jwks_file: Path | None = None) -> None:
     rl = "on_store_error: open"
+    jwt_route = f"""  - name: jwt
+    match: {{path: /jwt, prefix: true}}
+    upstream: api
+    auth: {{type: jwt, jwks_file: "{jwks_file}", issuer: bench, audiences: [bench], algorithms: [ES256], \
+on_store_error: closed}}
+""" if jwks_file is not None else ""
     path.write_text(f"""version: 1
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin}}}
@@ -156,6 +163,10 @@ routes:
     match: {{path: /auth, prefix: true}}
     upstream: api
     auth: {{type: api_key, scheme: Bearer, on_store_error: closed}}
+  - name: auth-cached
+    match: {{path: /auth-cached, prefix: true}}
+    upstream: api
+    auth: {{type: api_key, scheme: Bearer, cache_for: 60s, on_store_error: closed}}
   - name: auth-rl
     match: {{path: /auth-rl, prefix: true}}
     upstream: api
@@ -174,7 +185,7 @@ routes:
     match: {{path: /closed, prefix: true}}
     upstream: api
     rate_limit: {{limit: 1000000000, per: 1m, key: route, on_store_error: closed}}
-""")
+""" + jwt_route)
 
 
 def _seed_key(redis_url: str) -> str:
