@@ -97,6 +97,11 @@ async def test_redis_and_memory_give_identical_answers(redis_server: RedisServer
         now = T0 + rnd.randrange(10 * S)
         for _ in range(400):
             now += rnd.choice([0, 1, 997, 50_000, 333_333, 2 * S])
+            if algorithm == "fixed_window" and now % (3 * S) > 3 * S - 100_000:
+                # A fixed window's key lives until the window ends — in *real* time, while this test's clock is
+                # pinned: within 0.1 s of the end, which store still has the key depends on how long the calls
+                # take. Step over that edge (the unit tests cover the window edges of the arithmetic).
+                now += 200_000
             op = RateOp(algorithm, f"t:same:{algorithm}", limit=7, window=3 * S, burst=4, now=now)
             m, r = await admit(mem, op), await admit(red, op)
             assert m == r, (now, m, r)
