@@ -20,8 +20,9 @@ from tests.helpers import InProcessProxy, ProxyProcess, RawResponse, Upstream, c
 from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, Key
 
 
-def route(idp: JwksServer, mode: str = "stale", *, name: str = "pay", refresh: str = "10m", extra: str = "") -> str:
-    stale = "stale_for: 1h, stale_fallback: closed, " if mode == "stale" else ""
+def route(idp: JwksServer, mode: str = "stale", *, name: str = "pay", refresh: str = "10m", extra: str = "",
+          stale_for: str = "1h") -> str:
+    stale = f"stale_for: {stale_for}, stale_fallback: closed, " if mode == "stale" else ""
     return (f"- name: {name}\n  match: {{path: /{name}}}\n  upstream: api\n"
             f"  auth: {{type: jwt, jwks_url: '{idp.url}', issuer: '{ISSUER}', audiences: [{AUDIENCE}], "
             f"algorithms: [RS256, ES256], scopes: [payments:write], plan_claim: plan, jwks_refresh: {refresh}, "
@@ -198,7 +199,7 @@ async def test_random_kids_cannot_hammer_the_idp_nor_age_the_set(upstream: Upstr
 async def test_a_restart_while_the_idp_is_down_verifies_with_the_saved_set(upstream: Upstream, idp: JwksServer,
                                                                           tmp_path: Path) -> None:
     cfg = tmp_path / "f.yaml"
-    cfg.write_text(config_text(upstream.url, route(idp, refresh="1s")))
+    cfg.write_text(config_text(upstream.url, route(idp, refresh="1s", stale_for="4s")))
     state = tmp_path / "state"
     p = ProxyProcess(cfg, "--state-dir", str(state)).start()
     try:
@@ -216,6 +217,13 @@ async def test_a_restart_while_the_idp_is_down_verifies_with_the_saved_set(upstr
         assert r.status == 200
         tag = r.headers["failgate-degraded"]
         assert tag.startswith("auth;mode=stale;reason=unavailable;age=") and int(tag.rsplit("=", 1)[1]) >= 2
+
+        async def fallback() -> bool:  # past stale_for (4 s after the original fetch): the fallback
+            return (await call(p, idp.keys[0].token())).status == 503
+
+        await until("stale_for has passed", fallback)
+        r = await call(p, idp.keys[0].token())
+        assert r.headers["failgate-degraded"] == "auth;mode=stale;reason=unavailable;fallback=closed"
     finally:
         p.stop()
     _ = jwt  # (PyJWT signs the test tokens, in jwks_server.py)
