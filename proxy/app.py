@@ -121,13 +121,22 @@ class Proxy:
                 reply: list[tuple[str, str]] = []
                 if route.checked:
                     facts.client = rt.client_address(request.remote, request.headers.getall("X-Forwarded-For", []))
-                    decision = facts.decision = await run_checks(rt, route, request.headers, facts.client)
+                    facts_for_authorizer: tuple[str, str, str | None, str] = ("GET", "/", None, rid)
+                    if route.auth is not None and route.auth.remote:
+                        uri = f"{target.path}?{target.query}" if target.query else target.path
+                        facts_for_authorizer = (request.method, uri, authority.value if authority else None, rid)
+                    decision = facts.decision = await run_checks(rt, route, request.headers, facts.client,
+                                                                 facts_for_authorizer)
                     identity = decision.identity
                     tag, denied = self._decided(decision, reply, rt, route, rid)
                 if denied is not None:
                     resp = denied
                 else:
                     out = self._outgoing(request, rt, route, target, authority, reply, tag, identity, rid)
+                    if facts.decision is not None:
+                        for v in facts.decision.verdicts:  # an authorizer's headers for the upstream
+                            for name, value in v.upstream:
+                                out.headers[name] = value
                     if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
                         # The size and the checks passed: now the client may send its body (never to HTTP/1.0).
                         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -260,6 +269,12 @@ class Proxy:
         extra.update(deny.headers)
         if deny.quota is not None:
             extra["Retry-After"] = str(retry)
+        if deny.body is not None:  # the authorizer's own answer (a login redirect, its error page)
+            body, content_type = deny.body
+            resp = web.Response(status=deny.status, body=body, headers=extra)
+            resp.content_type = content_type.split(";", 1)[0]
+            resp.headers[rt.request_id_header] = rid
+            return tag, resp
         return tag, error_response(deny.status, deny.detail, route=route.name, request_id=rid,
                                    request_id_header=rt.request_id_header, code=deny.code, headers=extra)
 

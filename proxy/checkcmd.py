@@ -38,7 +38,13 @@ def describe(loaded: LoadedConfig) -> str:
             if a.on_store_error == "closed":
                 extra = f", status {a.status_on_error}"
             scopes = f" scopes {','.join(a.scopes)}" if a.scopes else ""
-            if a.type == "jwt":
+            if a.type == "http":
+                cached = f", verdicts reused {format_duration(a.cache_for)}" if a.cache_for else ""
+                lines.append(f"      auth: http authorizer {a.url} (timeout {format_duration(a.timeout)}, its own "
+                             f"breaker {a.breaker.failures} failures / {format_duration(a.breaker.open_for)}){cached}; "
+                             f"sends {','.join(a.forward_headers)}; copies {','.join(a.upstream_headers) or 'nothing'}"
+                             f" upstream; on_store_error {a.on_store_error} ({how}) for the authorizer{extra}")
+            elif a.type == "jwt":
                 source = (f"keys from {a.jwks_url} (refreshed every {format_duration(a.jwks_refresh)})" if a.jwks_url
                           else f"keys from {a.jwks_file}" if a.jwks_file else "a shared secret")
                 lines.append(f"      auth: jwt ({','.join(a.algorithms or [])}) in {a.header} "

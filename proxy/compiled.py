@@ -18,6 +18,7 @@ import msgspec
 from aiohttp import web_response
 
 from .checks.auth import AuthCheck
+from .checks.authz import Authorizer, HttpAuthCheck
 from .checks.jwt import JwtCheck, TokenMemory
 from .checks.local import LocalLimiter
 from .checks.memo import KeyMemory
@@ -29,7 +30,7 @@ from .jwks import KeySet
 from .observe.decisionlog import DecisionLog, LogWriter
 from .observe.metrics import RouteMetrics
 from .routing import Router, compile_match
-from .store.breaker import BreakerStore
+from .store.breaker import Breaker, BreakerStore
 
 # Failgate's own identity headers: a client must never be able to send them upstream. Always removed from what
 # clients send, whatever `headers.degraded` renames the tag to: an upstream that once read the default name must
@@ -48,6 +49,7 @@ class Memories:
     upstreams: dict[str, UpstreamClient] = field(default_factory=dict)  # pools, by upstream name
     keysets: dict[str, KeySet] = field(default_factory=dict)  # jwt key sets, by source
     tokens: TokenMemory = field(default_factory=TokenMemory)  # verified jwt tokens
+    authorizers: dict[str, Authorizer] = field(default_factory=dict)  # by route: breaker, pool, verdicts
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +59,22 @@ class Route:
     prefix_chars: int  # characters of the matched prefix to remove before forwarding; 0 without strip_prefix
     preserve_host: bool
     metrics: RouteMetrics
-    auth: AuthCheck | JwtCheck | None
+    auth: AuthCheck | JwtCheck | HttpAuthCheck | None
     limits: tuple[LimitGroup, ...]  # the route's rate limits, grouped by the key they count by
     drop_credentials: str | None  # the credential header, when forward_credentials is false
 
     @property
     def checked(self) -> bool:
         return self.auth is not None or bool(self.limits)
+
+
+def authorizer_for(memories: Memories, route: str, auth: Any) -> Authorizer:
+    """A route's authorizer state, kept across reloads while its URL and breaker settings do not change."""
+    kept = memories.authorizers.get(route)
+    if kept is None or kept.url != auth.url or kept.settings != auth.breaker:
+        kept = memories.authorizers[route] = Authorizer(Breaker(auth.breaker.failures, auth.breaker.open_for),
+                                                        url=auth.url, settings=auth.breaker)
+    return kept
 
 
 def keyset_for(memories: Memories, route: str, auth: Any) -> KeySet:
@@ -109,7 +120,7 @@ class Runtime:
         for r in cfg.routes:
             m = compile_match(r.match.path, r.match.prefix, r.match.methods, r.match.host)
             prefix_chars = len(m.path) if r.strip_prefix and m.path != "/" else 0
-            auth: AuthCheck | JwtCheck | None = None
+            auth: AuthCheck | JwtCheck | HttpAuthCheck | None = None
             by_key: dict[str, list[RateLimitCheck]] = {}
             for cfg_limit in r.limits:
                 by_key.setdefault(cfg_limit.key, []).append(
@@ -118,7 +129,10 @@ class Runtime:
                                       auth_header=r.auth.header if r.auth is not None else None,
                                       auth_scheme=r.auth.scheme if r.auth is not None else None)
                            for limits in by_key.values())
-            if r.auth is not None and r.auth.type == "jwt":
+            if r.auth is not None and r.auth.type == "http":
+                auth = HttpAuthCheck(r.name, r.auth, retry_after=retry_after,
+                                     authorizer=authorizer_for(memories, r.name, r.auth))
+            elif r.auth is not None and r.auth.type == "jwt":
                 auth = JwtCheck(r.name, r.auth, retry_after=retry_after, keyset=keyset_for(memories, r.name, r.auth),
                                 tokens=memories.tokens)
             elif r.auth is not None:
@@ -137,12 +151,15 @@ class Runtime:
         web_response.SERVER_SOFTWARE = cfg.headers.server
         # Request headers never passed on as the client sent them (Failgate sets its own) — and, from a peer that
         # trusted_proxies does not vouch for, also the headers a client could use to lie about itself.
+        # Every header an authorizer's answer may set upstream, on any route: a client must never send it itself.
+        authorizer_headers = [h.lower() for r in cfg.routes if r.auth is not None and r.auth.type == "http"
+                              for h in r.auth.upstream_headers]
         self.drop_headers = frozenset(
-            [cfg.headers.degraded.lower(), *OWN_HEADERS, "host", "x-forwarded-host", "x-forwarded-for",
-             cfg.headers.request_id.lower(), "expect"]
+            [cfg.headers.degraded.lower(), *OWN_HEADERS, *authorizer_headers, "host", "x-forwarded-host",
+             "x-forwarded-for", cfg.headers.request_id.lower(), "expect"]
         ) | HOP_BY_HOP
         self.drop_headers_untrusted = self.drop_headers | SPOOFABLE
-        self.own_headers = frozenset([cfg.headers.degraded.lower(), *OWN_HEADERS])
+        self.own_headers = frozenset([cfg.headers.degraded.lower(), *OWN_HEADERS, *authorizer_headers])
 
     async def close(self, keep: set[UpstreamClient] | None = None) -> None:
         for up in self.upstreams.values():

@@ -50,6 +50,8 @@ class Verdict:
     identity: Identity | None = None  # an allowing auth verdict: who
     quota: Quota | None = None  # a rate limit's fields (checked, or enforced locally)
     shadow_deny: bool = False  # a shadow limit that would have denied: reported, never enforced
+    upstream: list[tuple[str, str]] = field(default_factory=list)  # headers for the upstream request (an authorizer's)
+    body: tuple[bytes, str] | None = None  # a deny's own body and content type (an authorizer's), instead of ours
 
     @property
     def degraded(self) -> bool:

@@ -41,6 +41,11 @@ TABLE: dict[tuple[str, str], Rule] = {
                             "set is not fresh"),
     ("jwt", "stale"): Rule("remembered", "verify with the last good key set for up to `stale_for` after its last "
                            "successful fetch, tagged with its age; past that, or no set: `stale_fallback`"),
+    ("http", "open"): Rule("allow", "allow; the principal unknown, no authorizer headers upstream"),
+    ("http", "closed"): Rule("deny", "deny with `status_on_error` and `Retry-After: <its breaker.open_for>`"),
+    ("http", "stale"): Rule("remembered", "the verdict the authorizer gave for the same request (route, method, "
+                            "host, path, forwarded headers or `cache_key`) if younger than `stale_for`, its "
+                            "headers with it; none: `stale_fallback`"),
 }
 
 

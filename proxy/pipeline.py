@@ -23,16 +23,21 @@ if TYPE_CHECKING:
     from .compiled import Route, Runtime
 
 
-async def run_checks(rt: Runtime, route: Route, headers: Any, client: str) -> Decision:
+async def run_checks(rt: Runtime, route: Route, headers: Any, client: str,
+                     request: tuple[str, str, str | None, str] = ("GET", "/", None, "")) -> Decision:
+    """`request`: (method, normalized path and query, host, request id) — what an authorizer is told."""
     now = time.time()
     auth = route.auth
     decision = Decision()
 
     # --- plan ---
     ops: list[Any] = []
-    auth_verdict = digest = None
-    if auth is not None:
-        auth_verdict, digest = auth.plan(headers, rt.keys, now)
+    auth_verdict = digest = authz = None
+    if auth is not None and auth.remote:  # an authorizer of its own: its call starts now, the store's in parallel
+        method, uri, host, rid = request
+        auth_verdict, authz = auth.begin(headers, method, uri, host, client, rid, now)  # type: ignore[union-attr]
+    elif auth is not None:
+        auth_verdict, digest = auth.plan(headers, rt.keys, now)  # type: ignore[union-attr]
         if digest is not None:
             ops += auth.ops(digest)  # type: ignore[union-attr]  # (only api_key plans a store call)
     known = auth is None or auth_verdict is not None  # auth's answer (or that there is none) is already known
@@ -55,6 +60,8 @@ async def run_checks(rt: Runtime, route: Route, headers: Any, client: str) -> De
         results, failure = await rt.store.round_trip(ops)
 
     # --- decide ---
+    if authz is not None:
+        auth_verdict = await authz
     if auth is not None:
         if auth_verdict is None:
             assert digest is not None

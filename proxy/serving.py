@@ -305,6 +305,8 @@ class Serving:
             self.runtime.decisions.flush(final=True)
             await self.save_state()
             await self.runtime.close()
+            for authorizer in self.runtime.memories.authorizers.values():
+                await authorizer.close()
         if self.store is not None:
             await self.store.close()
         self.writer.close()

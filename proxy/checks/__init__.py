@@ -10,6 +10,7 @@ class CheckKind:
     tried again (`breaker.open_for`)."""
 
     name = ""
+    remote = False  # True: a dependency of its own (an authorizer), called concurrently with the store
 
     def __init__(self, route: str, cfg: Any, retry_after: float) -> None:
         assert cfg.on_store_error is not None  # validation requires it (or its default)

@@ -18,7 +18,7 @@ import msgspec
 import yaml
 
 from .errors import ConfigError, join_path
-from .schema import API_KEY_ONLY, JWT_ONLY, Config, Defaults, Upstream, dec_hook
+from .schema import Config, Defaults, Upstream, dec_hook, used_by
 from .yamlread import read_yaml
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -133,8 +133,7 @@ def _merge_defaults(
                 base = raw_defaults.get(check) or {}
                 own = route.get(check)
                 if check == "auth" and isinstance(own, dict) and base:  # only what the route's auth type uses
-                    other = API_KEY_ONLY if own.get("type") == "jwt" else JWT_ONLY
-                    base = {k: v for k, v in base.items() if k not in other}
+                    base = {k: v for k, v in base.items() if used_by(own.get("type"), k)}
                 if isinstance(own, dict) and base:
                     route[check] = {**base, **own}
                     inherited[(i, check)] = frozenset(k for k in base if k not in own)

@@ -162,16 +162,33 @@ class AuthDefaults(_Strict, kw_only=True, frozen=True):
     jwks_refresh: Duration | None = None
     jwks_timeout: Duration | None = None
     jwks_startup_wait: Duration | None = None
+    # http only
+    url: str | None = None
+    forward_headers: list[str] | None = None
+    upstream_headers: list[str] | None = None
+    principal_header: str | None = None
+    plan_header: str | None = None
+    timeout: Duration | None = None
+    cache_key: list[str] | None = None
+    breaker: Breaker | None = None
 
 
-# The keys of `auth` that only one type uses (`defaults.auth` merges a key into a route only when its type uses it).
-API_KEY_ONLY = frozenset({"cache_for"})
+# The keys of `auth` that only some types use (`defaults.auth` merges a key into a route only when its type uses it).
 JWT_ONLY = frozenset({"jwks_url", "jwks_file", "secret", "issuer", "audiences", "algorithms", "principal_claim",
                       "scopes_claim", "plan_claim", "leeway", "jwks_refresh", "jwks_timeout", "jwks_startup_wait"})
+HTTP_ONLY = frozenset({"url", "forward_headers", "upstream_headers", "principal_header", "plan_header", "timeout",
+                       "cache_key", "breaker"})
+TYPES_OF = {**dict.fromkeys(JWT_ONLY, frozenset({"jwt"})), **dict.fromkeys(HTTP_ONLY, frozenset({"http"})),
+            "cache_for": frozenset({"api_key", "http"})}
+
+
+def used_by(auth_type: object, key: str) -> bool:
+    """Does an `auth` of this type use this key? (Keys every type uses are not in TYPES_OF.)"""
+    return key not in TYPES_OF or auth_type in TYPES_OF[key]
 
 
 class Auth(_Strict, kw_only=True, frozen=True):
-    type: Literal["api_key", "jwt"]
+    type: Literal["api_key", "jwt", "http"]
     header: str = "Authorization"
     scheme: str | None = None  # api_key: none; jwt: Bearer
     scopes: list[str] = msgspec.field(default_factory=list)
@@ -195,6 +212,15 @@ class Auth(_Strict, kw_only=True, frozen=True):
     jwks_refresh: Duration = Duration(600.0)
     jwks_timeout: Duration = Duration(2.0)
     jwks_startup_wait: Duration = Duration(5.0)
+    # --- http (an external authorizer) ---
+    url: str | None = None  # GET <url> decides
+    forward_headers: list[str] = msgspec.field(default_factory=lambda: ["Authorization"])
+    upstream_headers: list[str] = msgspec.field(default_factory=list)  # its response headers copied upstream
+    principal_header: str | None = None
+    plan_header: str | None = None
+    timeout: Duration = Duration(0.1)
+    cache_key: list[str] | None = None  # the forwarded headers a verdict depends on (default: all of them)
+    breaker: Breaker = msgspec.field(default_factory=lambda: Breaker())
 
 
 class RateLimitDefaults(_Strict, kw_only=True, frozen=True):

@@ -11,7 +11,7 @@ from yarl import URL
 
 from ..routing import BadTarget, normalize_path
 from .errors import ConfigError
-from .schema import JWT_ONLY, Auth, format_duration
+from .schema import TYPES_OF, Auth, format_duration
 from .values import is_loopback, redact_url, resolve_workers
 
 if TYPE_CHECKING:
@@ -180,19 +180,39 @@ def _validate_auth(route, rp, fail) -> None:  # type: ignore[no-untyped-def]
                        f"{format_duration(a.stale_for)}")
     if a.cache_for < 0:
         raise fail(f"{p}.cache_for", "expected a duration of 0s or more")
+    plain = Auth(type=a.type)
+    for key, types in sorted(TYPES_OF.items()):
+        if a.type not in types and getattr(a, key) != getattr(plain, key):
+            raise fail(f"{p}.{key}", f"only applies to type: {' or '.join(sorted(types))}")
     if a.type == "jwt":
         _validate_jwt(a, p, fail)
-        return
-    plain = Auth(type="api_key")
-    for key in sorted(JWT_ONLY):
-        if getattr(a, key) != getattr(plain, key):
-            raise fail(f"{p}.{key}", "only applies to type: jwt")
+    elif a.type == "http":
+        _validate_http(a, p, fail)
+
+
+def _validate_http(a, p, fail) -> None:  # type: ignore[no-untyped-def]
+    url = URL(a.url) if a.url and "://" in a.url else None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise fail(f"{p}.url", f"required for type: http — the authorizer's http:// or https:// URL, got {a.url!r}")
+    for key in ("forward_headers", "upstream_headers", "cache_key"):
+        for j, name in enumerate(getattr(a, key) or []):
+            if not _TOKEN.match(name):
+                raise fail(f"{p}.{key}[{j}]", f"expected an HTTP header name, got {name!r}")
+    for key in ("principal_header", "plan_header"):
+        name = getattr(a, key)
+        if name is not None and not _TOKEN.match(name):
+            raise fail(f"{p}.{key}", f"expected an HTTP header name, got {name!r}")
+    if a.timeout <= 0:
+        raise fail(f"{p}.timeout", "expected a duration greater than 0")
+    if a.cache_key is not None:
+        forwarded = {h.lower() for h in a.forward_headers}
+        for j, name in enumerate(a.cache_key):
+            if name.lower() not in forwarded:
+                raise fail(f"{p}.cache_key[{j}]", f"{name} is not in forward_headers: a verdict can only depend "
+                           "on what the authorizer was sent")
 
 
 def _validate_jwt(a, p, fail) -> None:  # type: ignore[no-untyped-def]
-    if a.cache_for:
-        raise fail(f"{p}.cache_for", "only applies to type: api_key (a jwt route remembers the tokens it verified "
-                   "until they expire)")
     if not a.algorithms:
         raise fail(f"{p}.algorithms", "required for type: jwt — the algorithms tokens may be signed with, such as "
                    "[RS256, ES256]")

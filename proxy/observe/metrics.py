@@ -59,6 +59,15 @@ EVENT_LOOP_LAG = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=REGISTRY,
 )
 
+AUTHZ_REQUESTS = Counter(
+    "failgate_authorizer_requests_total", "Calls to an external authorizer by result: allow, deny, timeout, "
+    "unavailable, error (5xx), breaker_open (not called)", ["route", "result"], registry=REGISTRY,
+)
+AUTHZ_DURATION = Histogram(
+    "failgate_authorizer_duration_seconds", "Time an external authorizer took to answer", ["route"],
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+
 REVOCATIONS = Counter(
     "failgate_revocations_total", "API-key revocations applied in a process, by where they came from: log (replayed "
     "from the store), publish (the store's channel), admin (POST /keys/revoke), state (the state directory)",

@@ -116,7 +116,7 @@ CASES = [
     (ROUTE + "    rate_limit: {limit: 10, per: 1m, on_store_error: open, algorithm: leaky}\n",
      "f.yaml: routes[0].rate_limit.algorithm: expected one of: fixed_window, sliding_window, gcra; got 'leaky'"),
     (ROUTE + "    auth: {type: oauth, on_store_error: closed}\n",
-     "f.yaml: routes[0].auth.type: expected one of: api_key, jwt; got 'oauth'"),
+     "f.yaml: routes[0].auth.type: expected one of: api_key, jwt, http; got 'oauth'"),
     (ROUTE + "    auth: {type: jwt, on_store_error: closed}\n",
      "f.yaml: routes[0].auth.algorithms: required for type: jwt — the algorithms tokens may be signed with, such "
      "as [RS256, ES256]"),

@@ -185,7 +185,7 @@ async def test_auth_stale_with_nothing_remembered_applies_the_fallback(reason: s
 
 
 def test_every_row_of_the_table_is_tested_and_printed_in_the_readme() -> None:
-    kinds = ("auth", "jwt", "rate_limit")
+    kinds = ("auth", "http", "jwt", "rate_limit")
     assert set(TABLE) == {(kind, mode) for kind in kinds for mode in ("open", "closed", "stale")}
     readme = (ROOT / "README.md").read_text()
     assert readme_table() in readme, "README.md must print proxy/failmode.py's table (readme_table())"

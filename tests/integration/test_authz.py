@@ -1,0 +1,151 @@
+"""An external HTTP authorizer through the real proxy: what it is told, what its answers do, what reaches the
+upstream, its verdict memory, and its failures — with its own breaker, independent of the store's."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from proxy.observe.metrics import REGISTRY
+from tests.authz_server import AuthzServer
+from tests.helpers import InProcessProxy, RawResponse, Upstream, config_text, raw_request
+
+
+def route(authz: AuthzServer, mode: str = "stale", *, name: str = "app", path: str = "/app", extra: str = "",
+          rate_limit: str = "") -> str:
+    stale = "stale_for: 1h, stale_fallback: closed, " if mode == "stale" else ""
+    text = (f"- name: {name}\n  match: {{path: {path}, prefix: true}}\n  upstream: api\n"
+            f"  auth: {{type: http, url: '{authz.url}', upstream_headers: [X-User-Id, X-User-Plan], "
+            f"principal_header: X-User-Id, plan_header: X-User-Plan, timeout: 300ms, "
+            f"breaker: {{failures: 3, open_for: 30s}}, {stale}{extra}on_store_error: {mode}}}\n")
+    return text + (f"  rate_limit: {rate_limit}\n" if rate_limit else "")
+
+
+@pytest.fixture
+async def authz() -> AsyncIterator[AuthzServer]:
+    server = await AuthzServer().start()
+    yield server
+    await server.stop()
+
+
+async def get(p: InProcessProxy, path: str, credential: str | None, **headers: str) -> RawResponse:
+    if credential is not None:
+        headers["Authorization"] = credential
+    return await raw_request(p.port, path, headers=headers)
+
+
+def seen(upstream: Upstream, name: str) -> list[str]:
+    return [v for k, v in upstream.seen[-1]["headers"] if k.lower() == name.lower()]
+
+
+async def test_allow_deny_and_redirect_and_what_the_upstream_sees(upstream: Upstream, authz: AuthzServer) -> None:
+    async with InProcessProxy(config_text(upstream.url, route(authz))) as p:
+        r = await get(p, "/app/x?q=1", "Bearer good", **{"X-User-Id": "admin", "X_User_Id": "admin"})
+        assert r.status == 200
+        assert seen(upstream, "X-User-Id") == ["alice"] and seen(upstream, "X-User-Plan") == ["pro"]
+        assert seen(upstream, "X_User_Id") == [] and seen(upstream, "X-Other") == []
+        assert seen(upstream, "X-Failgate-Principal") == ["alice"] and seen(upstream, "X-Failgate-Plan") == ["pro"]
+        told = authz.calls[-1]
+        assert (told["x-forwarded-method"], told["x-forwarded-uri"], told["authorization"]) == ("GET", "/app/x?q=1",
+                                                                                                "Bearer good")
+        assert "x-request-id" in told and told["x-forwarded-for"] == "127.0.0.1"
+        r = await get(p, "/app/x", "Bearer nope")
+        assert (r.status, r.headers["www-authenticate"], r.body) == (401, 'Bearer realm="authz"', b'{"why": "no"}')
+        r = await get(p, "/app/x", "Bearer redirect")
+        assert (r.status, r.headers["location"]) == (302, "https://login.test/?next=/")
+        r = await get(p, "/app/x", "Bearer forbidden")
+        assert r.status == 403
+        before = len(upstream.seen)
+        await get(p, "/app/x", "Bearer nope", **{"X-User-Id": "admin"})
+        assert len(upstream.seen) == before  # denied: nothing went upstream
+
+
+async def test_cache_for_cuts_calls_and_never_crosses_requests(upstream: Upstream, authz: AuthzServer) -> None:
+    async with InProcessProxy(config_text(upstream.url, route(authz, extra="cache_for: 5s, "))) as p:
+        for _ in range(5):
+            assert (await get(p, "/app/public", "Bearer good")).status == 200
+        assert len(authz.calls) == 1
+        r = await raw_request(p.port, "/app/admin", method="DELETE", headers={"Authorization": "Bearer good"})
+        assert r.status == 200 and len(authz.calls) == 2  # another method and path: asked again
+        assert seen(upstream, "X-User-Id") == ["alice"]  # a remembered allow restores its headers too
+
+
+async def until(what: str, predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("failure", ["hang", "error", "refuse", "reset"])
+@pytest.mark.parametrize("mode", ["stale", "closed", "open"])
+async def test_the_authorizer_failing(upstream: Upstream, authz: AuthzServer, mode: str, failure: str) -> None:
+    async with InProcessProxy(config_text(upstream.url, route(authz, mode))) as p:
+        assert (await get(p, "/app/x", "Bearer good")).status == 200  # an allow to remember
+        assert (await get(p, "/app/x", "Bearer nope")).status == 401  # a deny to remember
+        if failure == "refuse":
+            await authz.stop()
+        else:
+            authz.mode = failure
+        reason = {"hang": "timeout", "error": "error", "refuse": "unavailable", "reset": "unavailable"}[failure]
+        rs = await asyncio.gather(*(get(p, "/app/x", "Bearer good", **{"X-User-Id": "admin"}) for _ in range(5)))
+        denied = await get(p, "/app/x", "Bearer nope")
+        fresh = await get(p, "/app/x", "Bearer never-seen")
+        tags = {r.headers["failgate-degraded"].rsplit(";age=", 1)[0] for r in rs}
+        assert tags <= {f"auth;mode={mode};reason={reason}", f"auth;mode={mode};reason=breaker_open"}
+        if mode == "stale":
+            assert {r.status for r in rs} == {200} and seen(upstream, "X-User-Id") == ["alice"]
+            assert denied.status == 401  # a remembered deny stays a deny
+            assert (fresh.status, fresh.headers["failgate-degraded"].split(";fallback=")[1]) == (503, "closed")
+        elif mode == "closed":
+            assert {r.status for r in rs} == {503}
+        else:
+            assert {r.status for r in rs} == {200} and seen(upstream, "X-User-Id") == []  # never the client's
+    # the store's breaker was never involved
+    assert (REGISTRY.get_sample_value("failgate_breaker_state", {"dependency": "store"}) or 0) == 0
+
+
+async def test_its_breaker_opens_and_recovers_while_the_store_stays_healthy(upstream: Upstream,
+                                                                          authz: AuthzServer) -> None:
+    text = config_text(upstream.url, route(authz, "closed").replace("open_for: 30s", "open_for: 1s"))
+    async with InProcessProxy(text) as p:
+        authz.mode = "error"
+        for _ in range(3):
+            assert (await get(p, "/app/x", "Bearer good")).status == 503
+        calls = len(authz.calls)
+        r = await get(p, "/app/x", "Bearer good")
+        assert r.headers["failgate-degraded"] == "auth;mode=closed;reason=breaker_open" and len(authz.calls) == calls
+        assert REGISTRY.get_sample_value("failgate_breaker_state", {"dependency": "authz:app"}) == 2
+        authz.mode = "ok"
+
+        async def recovered() -> bool:
+            return (await get(p, "/app/x", "Bearer good")).status == 200
+
+        await until("the probe closes the breaker", recovered)
+        assert REGISTRY.get_sample_value("failgate_breaker_state", {"dependency": "authz:app"}) == 0
+
+
+async def test_a_principal_limit_keyed_by_the_authorizers_answer(upstream: Upstream, authz: AuthzServer) -> None:
+    text = config_text(upstream.url, route(authz, "closed", rate_limit="{limit: 2, per: 1h, key: principal, "
+                                                                        "on_store_error: open}"))
+    async with InProcessProxy(text) as p:
+        statuses = [(await get(p, "/app/x", "Bearer good-ann")).status for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        assert (await get(p, "/app/x", "Bearer good-bob")).status == 200  # another principal, its own bucket
+
+
+def test_check_explains_an_http_auth_route() -> None:
+    from proxy.checkcmd import describe
+    from proxy.config import load_text
+
+    class Fake:
+        url = "http://authz.test/check"
+
+    out = describe(load_text(config_text("http://127.0.0.1:9", route(Fake(), "closed",  # type: ignore[arg-type]
+                                                                     extra="cache_for: 5s, ")), "h.yaml"))
+    assert ("auth: http authorizer http://authz.test/check (timeout 300ms, its own breaker 3 failures / 30s), "
+            "verdicts reused 5s; sends Authorization; copies X-User-Id,X-User-Plan upstream; on_store_error closed "
+            "(declared) for the authorizer, status 503") in out
