@@ -125,7 +125,8 @@ def main() -> int:
         scenarios = (("failgate passthrough", "/pass", []), ("failgate rate_limit sliding", "/rl/sliding", []),
                      ("failgate two limits, one key", "/rl/two", []),
                      ("failgate auth", "/auth", bearer), ("failgate auth + rate_limit", "/auth-rl", bearer),
-                     ("failgate auth from cache_for", "/auth-cached", bearer))
+                     ("failgate auth from cache_for", "/auth-cached", bearer),
+                     ("failgate http authorizer, cache_for", "/authz-cached", bearer))
         for _ in range(args.rounds):
             measure("reference proxy", ref.pid, out, f"http://127.0.0.1:{ref_port}/x", [])
             measure("reference proxy + 1 store call", ref2.pid, out2, f"http://127.0.0.1:{ref2_port}/x", [])

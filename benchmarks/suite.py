@@ -167,6 +167,10 @@ routes:
     match: {{path: /auth-cached, prefix: true}}
     upstream: api
     auth: {{type: api_key, scheme: Bearer, cache_for: 60s, on_store_error: closed}}
+  - name: authz-cached
+    match: {{path: /authz-cached, prefix: true}}
+    upstream: api
+    auth: {{type: http, url: "http://127.0.0.1:{upstream}/check", cache_for: 5s, on_store_error: closed}}
   - name: auth-rl
     match: {{path: /auth-rl, prefix: true}}
     upstream: api
