@@ -12,6 +12,7 @@ import pytest
 from proxy.observe.metrics import REGISTRY
 from tests.authz_server import AuthzServer
 from tests.helpers import InProcessProxy, RawResponse, Upstream, config_text, raw_request
+from tests.redis_server import RedisServer
 
 
 def route(authz: AuthzServer, mode: str = "stale", *, name: str = "app", path: str = "/app", extra: str = "",
@@ -149,3 +150,19 @@ def test_check_explains_an_http_auth_route() -> None:
     assert ("auth: http authorizer http://authz.test/check (timeout 300ms, its own breaker 3 failures / 30s), "
             "verdicts reused 5s; sends Authorization; copies X-User-Id,X-User-Plan upstream; on_store_error closed "
             "(declared) for the authorizer, status 503") in out
+
+
+async def test_a_dead_store_does_not_touch_the_authorizers_breaker(upstream: Upstream, authz: AuthzServer,
+                                                                   redis_server: RedisServer) -> None:
+    text = config_text(upstream.url, route(authz, "closed", rate_limit="{limit: 100, per: 1h, key: route, "
+                                                                        "on_store_error: open}"),
+                       extra=f"store: {{url: '{redis_server.url}', timeout: 100ms, breaker: {{failures: 2}}}}\n")
+    async with InProcessProxy(text) as p:
+        assert (await get(p, "/app/x", "Bearer good")).status == 200
+        redis_server.kill()
+        for _ in range(4):
+            r = await get(p, "/app/x", "Bearer good")
+            assert r.status == 200  # the authorizer still decides; the limit fails open
+            assert r.headers["failgate-degraded"].startswith("rate_limit;mode=open;reason=")
+        assert REGISTRY.get_sample_value("failgate_breaker_state", {"dependency": "store"}) == 2
+        assert REGISTRY.get_sample_value("failgate_breaker_state", {"dependency": "authz:app"}) == 0
