@@ -92,8 +92,9 @@ def warnings(loaded: LoadedConfig) -> list[str]:
             out.append(f"routes[{i}].auth ({r.name}): on_store_error open keeps verifying with whatever key set is "
                        "held, and lets every request through unauthenticated when none was ever fetched")
         elif r.auth is not None and r.auth.on_store_error == "open":
+            what = "the authorizer" if r.auth.type == "http" else "the store"
             out.append(f"routes[{i}].auth ({r.name}): on_store_error open lets every request through "
-                       "unauthenticated while the store cannot answer")
+                       f"unauthenticated while {what} cannot answer")
         if r.auth is not None and r.auth.type == "jwt" and not (r.auth.issuer and r.auth.audiences):
             out.append(f"routes[{i}].auth ({r.name}): without issuer and audiences, a token any client of the "
                        "identity provider obtained for another service is accepted here")
