@@ -170,7 +170,8 @@ routes:
   - name: authz-cached
     match: {{path: /authz-cached, prefix: true}}
     upstream: api
-    auth: {{type: http, url: "http://127.0.0.1:{upstream}/check", cache_for: 5s, on_store_error: closed}}
+    auth: {{type: http, url: "http://127.0.0.1:{upstream}/check", timeout: 100ms, cache_for: 5s, \
+on_store_error: closed}}
   - name: auth-rl
     match: {{path: /auth-rl, prefix: true}}
     upstream: api
