@@ -14,7 +14,8 @@ from tests.helpers import free_port
 class AuthzServer:
     def __init__(self) -> None:
         self.port = free_port()
-        self.mode = "ok"  # ok | hang | error | reset
+        self.mode = "ok"  # ok | hang | error | reset | gate (answers once `release` is set)
+        self.release = asyncio.Event()
         self.calls: list[dict[str, Any]] = []
         self.runner: web.AppRunner | None = None
 
@@ -39,6 +40,8 @@ class AuthzServer:
         self.calls.append({k.lower(): v for k, v in request.headers.items()})
         if self.mode == "hang":
             await asyncio.sleep(3600)
+        if self.mode == "gate":
+            await self.release.wait()
         if self.mode == "error":
             return web.Response(status=500, text="authorizer broken")
         if self.mode == "reset":

@@ -166,3 +166,31 @@ async def test_a_dead_store_does_not_touch_the_authorizers_breaker(upstream: Ups
             assert r.headers["failgate-degraded"].startswith("rate_limit;mode=open;reason=")
         assert REGISTRY.get_sample_value("failgate_breaker_state", {"dependency": "store"}) == 2
         assert REGISTRY.get_sample_value("failgate_breaker_state", {"dependency": "authz:app"}) == 0
+
+
+async def test_the_authorizer_and_the_store_are_asked_at_the_same_time(upstream: Upstream, authz: AuthzServer,
+                                                                     redis_server: RedisServer) -> None:
+    routes = route(authz, "closed", rate_limit="{limit: 100, per: 1h, key: route, on_store_error: closed}")
+    text = config_text(upstream.url, routes.replace("timeout: 300ms", "timeout: 10s"),
+                       extra=f"store: {{url: '{redis_server.url}', timeout: 1s}}\n")
+    async with InProcessProxy(text) as p:
+        assert (await get(p, "/app/x", "Bearer good")).status == 200  # connections and scripts warm
+        before = _evalsha(redis_server)
+        authz.mode = "gate"  # the authorizer holds its answer until the test lets it go
+        request = asyncio.ensure_future(get(p, "/app/x", "Bearer good"))
+
+        async def store_asked() -> bool:  # while the authorizer has not answered
+            return _evalsha(redis_server) > before
+
+        await until("the store was asked before the authorizer answered", store_asked)
+        assert not request.done() and len(authz.calls) == 2
+        authz.release.set()
+        assert (await request).status == 200
+
+
+def _evalsha(redis_server: RedisServer) -> int:
+    import re
+
+    info = redis_server.command("INFO", "commandstats").decode()
+    m = re.search(r"^cmdstat_evalsha:calls=(\d+)", info, re.M)
+    return int(m[1]) if m else 0
