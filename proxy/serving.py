@@ -14,6 +14,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
+from yarl import URL
 
 from .checks.memo import REVOKED, KeyMemory, Record
 from .compiled import Memories, Runtime
@@ -262,6 +263,8 @@ class Serving:
                     return {"ok": False, "error": f"unusable key set: {exc}"}
             if cmd.get("failure"):
                 keyset.failed(str(cmd["failure"]))
+            # The key set's state next to the breakers': 0 while fresh, 2 once it is not (as an open breaker).
+            BREAKER_STATE.labels(f"jwks:{URL(url).host}").set(0 if keyset.fresh(time.time()) else 2)
             return {"ok": True}
         if op == "revoke":
             digest, at = cmd.get("hash"), cmd.get("at")

@@ -252,3 +252,4 @@ async def test_key_set_metrics(upstream: Upstream, idp: JwksServer) -> None:
         ok = REGISTRY.get_sample_value("failgate_jwks_fetches_total", {"route": "metered", "result": "ok"})
         age = REGISTRY.get_sample_value("failgate_jwks_age_seconds", {"route": "metered"})
         assert ok is not None and ok >= 1 and age is not None and 0 <= age < 60
+        assert REGISTRY.get_sample_value("failgate_breaker_state", {"dependency": "jwks:127.0.0.1"}) == 0
