@@ -39,7 +39,7 @@ class AuthzServer:
     async def _check(self, request: web.Request) -> web.StreamResponse:
         self.calls.append({k.lower(): v for k, v in request.headers.items()})
         if self.mode == "hang":
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # never answers (the server is stopped under it)
         if self.mode == "gate":
             await self.release.wait()
         if self.mode == "error":

@@ -328,3 +328,28 @@ class RawUpstream:
             pass
         finally:
             writer.close()
+
+
+# --- waiting for a state ----------------------------------------------------------------------------------------
+
+async def until(what: str, predicate: Any, timeout: float = 15.0) -> None:
+    """Poll `await predicate()` every 50 ms until it is true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.05)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc (no `ps`: a fresh machine may not have procps)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # pid (comm) state ppid …; comm may hold spaces and parentheses: split after the last ")"
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found

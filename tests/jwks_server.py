@@ -66,7 +66,7 @@ class JwksServer:
     async def _serve(self, _: web.Request) -> web.StreamResponse:
         self.fetches += 1
         if self.mode == "hang":
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # never answers (the server is stopped under it)
         if self.mode == "error":
             return web.Response(status=500, text="identity provider down")
         if self.mode == "garbage":

@@ -4,14 +4,13 @@ upstream, its verdict memory, and its failures — with its own breaker, indepen
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
 from proxy.observe.metrics import REGISTRY
 from tests.authz_server import AuthzServer
-from tests.helpers import InProcessProxy, RawResponse, Upstream, config_text, raw_request
+from tests.helpers import InProcessProxy, RawResponse, Upstream, config_text, raw_request, until
 from tests.redis_server import RedisServer
 
 
@@ -74,11 +73,6 @@ async def test_cache_for_cuts_calls_and_never_crosses_requests(upstream: Upstrea
         assert seen(upstream, "X-User-Id") == ["alice"]  # a remembered allow restores its headers too
 
 
-async def until(what: str, predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("failure", ["hang", "error", "refuse", "reset"])

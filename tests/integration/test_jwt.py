@@ -9,14 +9,13 @@ import io
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from tests.helpers import InProcessProxy, ProxyProcess, RawResponse, Upstream, config_text, raw_request
+from tests.helpers import InProcessProxy, ProxyProcess, RawResponse, Upstream, config_text, raw_request, until
 from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, Key
 
 
@@ -40,11 +39,6 @@ async def call(p: InProcessProxy | ProxyProcess, token: str, path: str = "/pay")
     return await raw_request(p.port, path, headers={"Authorization": f"Bearer {token}"})
 
 
-async def until(what: str, predicate: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.05)
 
 
 def forged_hs256(key: Key) -> str:
@@ -188,12 +182,27 @@ async def test_random_kids_cannot_hammer_the_idp_nor_age_the_set(upstream: Upstr
         flood = [idp.keys[0].token(kid=os.urandom(8).hex()) for _ in range(200)]
         rs = await asyncio.gather(*(call(p, t) for t in flood))
         assert {r.status for r in rs} == {401}
-        await asyncio.sleep(0.5)  # let any refetch they asked for happen (there must be at most one)
+
+        async def refetched() -> bool:  # the one refetch they may ask for has been made and answered
+            return idp.fetches > before and await fetches_reported(p) == idp.fetches
+
+        await until("the flood's refetch is done", refetched)
         assert idp.fetches - before <= 1
         r = await call(p, token)
         assert (r.status, r.headers.get("failgate-degraded")) == (200, None)  # the set is as fresh as before
     finally:
         p.stop()
+
+
+async def fetches_reported(p: ProxyProcess) -> int:
+    """Key-set fetches the instance counted (all results), from its metrics."""
+    import re
+
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(p.admin + "/metrics") as r:
+        text = await r.text()
+    return int(sum(float(m[1]) for m in re.finditer(r'^failgate_jwks_fetches_total\{[^}]*\} (\S+)', text, re.M)))
 
 
 async def test_a_restart_while_the_idp_is_down_verifies_with_the_saved_set(upstream: Upstream, idp: JwksServer,
@@ -209,7 +218,10 @@ async def test_a_restart_while_the_idp_is_down_verifies_with_the_saved_set(upstr
         p.stop()
     assert any(f.name.startswith("jwks-") for f in state.iterdir())
     await idp.stop()
-    await asyncio.sleep(2.1)  # the saved set is older than 2 x jwks_refresh: it must be served as stale
+    # Age the saved set past 2 x jwks_refresh but within stale_for: it must be served as stale.
+    (saved,) = [f for f in state.iterdir() if f.name.startswith("jwks-")]
+    doc = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**doc, "fetched_at": doc["fetched_at"] - 2.2}))
     p = ProxyProcess(cfg, "--state-dir", str(state), port=p.port, admin_port=p.admin_port).start()
     try:
         await p.wait_ready()
@@ -226,7 +238,6 @@ async def test_a_restart_while_the_idp_is_down_verifies_with_the_saved_set(upstr
         assert r.headers["failgate-degraded"] == "auth;mode=stale;reason=unavailable;fallback=closed"
     finally:
         p.stop()
-    _ = jwt  # (PyJWT signs the test tokens, in jwks_server.py)
 
 
 def test_check_explains_a_jwt_route_and_warns_about_open(idp_url: str = "https://idp.test/jwks.json") -> None:

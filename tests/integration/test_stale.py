@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -21,7 +20,17 @@ from proxy.config import load_text
 from proxy.keys import add
 from proxy.keyspace import digest_of
 from proxy.observe.metrics import REGISTRY
-from tests.helpers import ROOT, InProcessProxy, ProxyProcess, Upstream, config_text, raw_request, read_response
+from tests.helpers import (
+    ROOT,
+    InProcessProxy,
+    ProxyProcess,
+    Upstream,
+    children,
+    config_text,
+    raw_request,
+    read_response,
+    until,
+)
 from tests.redis_server import RedisServer
 
 
@@ -87,11 +96,6 @@ async def metric(p: ProxyProcess, name: str, labels: str) -> float:
     return float(m[1]) if m else 0.0
 
 
-async def until(predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        await asyncio.sleep(0.05)
 
 
 def new_key(redis_url: str, principal: str) -> str:
@@ -124,7 +128,7 @@ async def test_a_key_revoked_with_the_cli_stays_refused_in_every_process_when_th
             return (await metric(a, "failgate_revocations_total", 'source="publish"') >= 2
                     and await metric(b, "failgate_revocations_total", 'source="publish"') >= 1)
 
-        await until(everyone_heard, "both workers of one instance and the other instance heard the revocation")
+        await until("both workers of one instance and the other instance heard the revocation", everyone_heard)
         redis_server.kill()
         assert await statuses(a, key) == [401] * 40  # not served from the remembered record
         assert await statuses(b, key) == [401] * 40
@@ -162,7 +166,7 @@ async def test_an_admin_revocation_during_an_outage_is_refused_everywhere_and_af
         async def written() -> bool:
             return redis_server.command("ZSCORE", "failgate:revoked", digest_of(key)) != b"$-1\r\n"
 
-        await until(written, "the admin revocation reached the store")
+        await until("the admin revocation reached the store", written)
     finally:
         a.stop()
 
@@ -175,16 +179,15 @@ async def test_a_restarted_worker_replays_the_revocation_log(upstream: Upstream,
     try:
         await a.wait_ready(workers=2)
 
-        async def replayed(n: int) -> Callable[[], Awaitable[bool]]:
+        def replayed(n: int) -> Callable[[], Awaitable[bool]]:
             async def check() -> bool:
                 return await metric(a, "failgate_revocations_total", 'source="log"') >= n
             return check
 
-        await until(await replayed(2), "both workers replayed the log at start")
+        await until("both workers replayed the log at start", replayed(2))
         assert a.proc is not None
-        workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(a.proc.pid)], capture_output=True, text=True)
-        os.kill(int(workers.stdout.split()[0]), signal.SIGKILL)
-        await until(await replayed(3), "the restarted worker replayed the log")
+        os.kill(children(a.proc.pid)[0], signal.SIGKILL)
+        await until("the restarted worker replayed the log", replayed(3))
         await a.wait_ready(workers=2)
         redis_server.kill()
         # fallback open would admit any key nobody remembers — but not one the log said was revoked
@@ -259,5 +262,5 @@ async def test_a_store_user_that_may_not_use_the_revocation_channel_is_reported_
             async def reported() -> bool:
                 return any("may not subscribe" in r.getMessage() for r in caplog.records)
 
-            await until(reported, "the missing channel permission is reported")
+            await until("the missing channel permission is reported", reported)
             assert p.serving.state()["revocations"] == "no channel permission"
