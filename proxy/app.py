@@ -54,16 +54,18 @@ def _rate_limit_fields(verdicts: list[Verdict], reply: list[tuple[str, str]]) ->
         reply.append(("RateLimit-Policy", q.item))
         reply.append(("RateLimit", f'"{q.policy}";r={q.r};t={max(math.ceil(q.reset_after), retry)}'))
         return retry
-    retry = max((max(1, math.ceil(v.quota.retry_after)) for v in quotas if not v.allow), default=0)  # type: ignore[union-attr]
+    retry = 0
+    for v in quotas:
+        if not v.allow:
+            retry = max(retry, math.ceil(v.quota.retry_after), 1)  # type: ignore[union-attr]
     policies, remaining = [], []
     for v in quotas:
         q = v.quota
-        assert q is not None
-        t = math.ceil(q.reset_after)
-        if not v.allow:
-            t = max(t, retry)
-        policies.append(q.item)
-        remaining.append(f'"{q.policy}";r={q.r};t={t}')
+        t = math.ceil(q.reset_after)  # type: ignore[union-attr]
+        if not v.allow and t < retry:
+            t = retry
+        policies.append(q.item)  # type: ignore[union-attr]
+        remaining.append(f'"{q.policy}";r={q.r};t={t}')  # type: ignore[union-attr]
     reply.append(("RateLimit-Policy", ", ".join(policies)))
     reply.append(("RateLimit", ", ".join(remaining)))
     return retry

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -43,14 +44,14 @@ class Verdict:
     status: int = 200  # the response status when denied
     code: str = ""  # the error code of a denial ("rate_limited", "unauthorized", …)
     detail: str = ""
-    headers: list[tuple[str, str]] = field(default_factory=list)  # sent on the response, allowed or not
+    headers: Sequence[tuple[str, str]] = ()  # sent on the response, allowed or not
     reason: Reason | None = None  # why the dependency could not answer (degraded verdicts only)
     age: float | None = None  # seconds, stale only
     fallback: str | None = None  # stale had nothing and stale_fallback applied
     identity: Identity | None = None  # an allowing auth verdict: who
     quota: Quota | None = None  # a rate limit's fields (checked, or enforced locally)
     shadow_deny: bool = False  # a shadow limit that would have denied: reported, never enforced
-    upstream: list[tuple[str, str]] = field(default_factory=list)  # headers for the upstream request (an authorizer's)
+    upstream: Sequence[tuple[str, str]] = ()  # headers for the upstream request (an authorizer's)
     body: tuple[bytes, str] | None = None  # a deny's own body and content type (an authorizer's), instead of ours
 
     @property

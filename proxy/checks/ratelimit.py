@@ -63,6 +63,10 @@ UNLIMITED = -1  # a plan's quota that skips the limit (and its store call)
 _new_tuple = tuple.__new__  # a NamedTuple made without its Python-level __new__: on every request
 
 
+_Call = tuple[str, str, int, int, int, bool]  # algorithm, key tail, quota, window, burst, shadow
+_Made = tuple[tuple["RateLimitCheck", ...], tuple[_Call, ...], tuple[object, ...] | None]
+
+
 class Planned(NamedTuple):
     """A subject's store operation, with the limit behind each of its parts."""
 
@@ -99,6 +103,10 @@ class RateLimitCheck(CheckKind):
             self._calls[plan] = None if quota == UNLIMITED else (tail % f"@{plan}", quota, quota)
         self._items: dict[int, str] = {}  # quota -> its RateLimit-Policy item
 
+    def call(self, plan: str | None) -> tuple[str, int, int] | None:
+        """(key tail, quota, burst) of this limit's store call for a plan; None: unlimited for it."""
+        return self._calls[plan] if plan in self._calls else self._calls[None]
+
     def op(self, subject_key: str, plan: str | None) -> RateOp | None:
         """This limit's store call for a subject (None: unlimited for the plan). Without `plans` every request
         is counted against `limit`; with them, a plan they name picks its quota and its own counter."""
@@ -119,6 +127,8 @@ class RateLimitCheck(CheckKind):
         quota = _new_tuple(Quota, (item, self.policy, q, result.remaining if result.remaining < q else q,
                                    result.reset_after, 0.0 if allowed else result.retry_after))
         if allowed:
+            if reason is None:  # checked: the common case, with the fewest arguments
+                return Verdict(self.check, True, quota=quota)
             return Verdict(self.check, True, basis=basis, reason=reason, age=age, quota=quota)
         if self.shadow:
             return Verdict(self.check, True, basis=basis, reason=reason, age=age, quota=quota, shadow_deny=True)
@@ -149,7 +159,10 @@ class LimitGroup:
         elif low in ("authorization", "proxy-authorization"):
             self._credential = (None,)
         self._single = limits[0] if len(limits) == 1 else None
-        self._shapes: dict[str | None, tuple[object, ...]] = {}
+        # Per plan the limits name (any other plan is None's): what its requests share, made once (`_make`).
+        self._plans = frozenset(plan for limit in limits for plan in limit.plans)
+        self._made: dict[str | None, _Made] = {}
+        self._stale = any(limit.mode == "stale" for limit in limits)  # some answers are remembered locally
         self._singles = (limits[0],)
         self._key_head = f"{key_prefix}rl:{{{route}:"
         self._fixed_key = self._key_head + "route}" if self.key_kind == "route" else None
@@ -187,20 +200,31 @@ class LimitGroup:
         if self._single is not None:  # one limit: the common case, without the lists
             op = self._single.op(key, plan)
             return None if op is None else _new_tuple(Planned, (op, self._singles, (op,)))
-        limits, ops = [], []
-        for limit in self.limits:
-            op = limit.op(key, plan)
-            if op is not None:
-                limits.append(limit)
-                ops.append(op)
-        if not ops:
+        made = self._made.get(plan) if plan in self._plans else self._made.get(None)
+        if made is None:
+            made = self._make(plan if plan in self._plans else None)
+        limits, calls, shape = made
+        if not calls:
             return None
-        if len(ops) == 1:
-            return Planned(ops[0], (limits[0],), (ops[0],))
-        shape = self._shapes.get(plan)
-        if shape is None:  # the same for every subject of a plan: made once
-            shape = self._shapes[plan] = tuple((o.algorithm, o.limit, o.window, o.burst, o.shadow) for o in ops)
-        return _new_tuple(Planned, (_new_tuple(LimitsOp, (tuple(ops), shape)), tuple(limits), tuple(ops)))
+        ops = tuple([_new_tuple(RateOp, (algorithm, key + tail, limit, window, burst, None, shadow))
+                     for algorithm, tail, limit, window, burst, shadow in calls])
+        if shape is None:
+            return _new_tuple(Planned, (ops[0], limits, ops))
+        return _new_tuple(Planned, (_new_tuple(LimitsOp, (ops, shape)), limits, ops))
+
+    def _make(self, plan: str | None) -> _Made:
+        """What every request of a plan shares (made once per plan the limits name, and once for the rest): the
+        limits that count, everything of their store calls but the subject, and the call's shape."""
+        limits, calls = [], []
+        for limit in self.limits:
+            call = limit.call(plan)
+            if call is not None:
+                tail, quota, burst = call
+                limits.append(limit)
+                calls.append((limit.algorithm, tail, quota, limit.window, burst, limit.shadow))
+        shape = tuple((c[0], c[2], c[3], c[4], c[5]) for c in calls) if len(calls) > 1 else None
+        made = self._made[plan] = (tuple(limits), tuple(calls), shape)
+        return made
 
     # --- decide -----------------------------------------------------------------------------------------------
     def decide(self, planned: Planned, answer: object, memory: LocalLimiter, now: float) -> list[Verdict]:
@@ -213,14 +237,14 @@ class LimitGroup:
                 memory.remember(op.key, answer.state, now)  # type: ignore[union-attr]
             return [limit.verdict(op, answer)]  # type: ignore[arg-type]
         if type(answer) is not StoreUnavailable:
-            verdicts = []
-            for limit, o, result in zip(limits, ops, answer, strict=True):  # type: ignore[call-overload]
+            for result in answer:  # type: ignore[attr-defined]
                 if type(result) is StoreUnavailable:  # an error reply: the whole group failed
                     return self.decide(planned, result, memory, now)
-                if limit.mode == "stale":
-                    memory.remember(o.key, result.state, now)
-                verdicts.append(limit.verdict(o, result))
-            return verdicts
+            if self._stale:
+                for limit, o, result in zip(limits, ops, answer, strict=True):  # type: ignore[call-overload]
+                    if limit.mode == "stale":
+                        memory.remember(o.key, result.state, now)
+            return [limit.verdict(o, result) for limit, o, result in zip(limits, ops, answer, strict=True)]  # type: ignore[call-overload]
         assert isinstance(answer, StoreUnavailable)
         stale = [(limit, o) for limit, o in zip(limits, ops, strict=True) if limit.mode == "stale"]
         local = {}

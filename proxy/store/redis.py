@@ -71,8 +71,12 @@ def _limit_parts(limits: tuple[RateOp, ...], *, by_source: bool = False) -> tupl
 
 def _pack_limits(limits: tuple[RateOp, ...], parts: tuple[bytes, bytes]) -> bytes:
     head, tail = parts
-    keys = [op.key.encode() for op in limits]
-    return head + b"".join(b"$%d\r\n%b\r\n" % (len(k), k) for k in keys) + tail
+    out = [head]
+    for op in limits:
+        key = op.key.encode()
+        out.append(b"$%d\r\n%b\r\n" % (len(key), key))
+    out.append(tail)
+    return b"".join(out)
 
 
 class RedisStore:
@@ -163,9 +167,13 @@ def _result(op: Op, reply: Any) -> Any:
         limits = _limits_of(op)
         if len(reply) != 8 * len(limits):
             raise TypeError
-        results = [_new_tuple(RateResult, (reply[i] == 1, reply[i + 1], reply[i + 2] / 1e6, reply[i + 3] / 1e6,
-                                           tuple(reply[i + 5:i + 5 + _SIZE[limit.algorithm]]), reply[i + 4] == 1))
-                   for i, limit in zip(range(0, len(reply), 8), limits, strict=True)]
+        results = []
+        i = 0
+        for limit in limits:
+            results.append(_new_tuple(RateResult, (reply[i] == 1, reply[i + 1], reply[i + 2] / 1e6, reply[i + 3] / 1e6,
+                                                   tuple(reply[i + 5:i + 5 + _SIZE[limit.algorithm]]),
+                                                   reply[i + 4] == 1)))
+            i += 8
         return results[0] if type(op) is RateOp else results
     except TypeError:
         return StoreUnavailable("error", f"unexpected reply {reply!r}", transport=False)

@@ -92,7 +92,7 @@ async def test_open_allows_untagged_by_anything_but_its_reason(kind: str, reason
     failing(store, breaker, reason)
     d = await decide(rt)
     (v,) = d.verdicts
-    assert (v.allow, v.basis, v.reason, v.headers, d.identity) == (True, "open", reason, [], None)
+    assert (v.allow, v.basis, v.reason, list(v.headers), d.identity) == (True, "open", reason, [], None)
     assert v.tag() == f"{kind};mode=open;reason={reason}"
     assert store.calls == (0 if reason == "breaker_open" else 1)  # an open breaker does not ask
 
@@ -181,7 +181,7 @@ async def test_auth_stale_with_nothing_remembered_applies_the_fallback(reason: s
     assert (v.allow, v.basis, v.fallback) == (fallback == "open", "stale", fallback)
     assert v.tag() == f"auth;mode=stale;reason={reason};fallback={fallback}"
     if fallback == "closed":
-        assert (v.status, v.headers) == (503, [("Retry-After", "2")])
+        assert (v.status, list(v.headers)) == (503, [("Retry-After", "2")])
 
 
 def test_every_row_of_the_table_is_tested_and_printed_in_the_readme() -> None:

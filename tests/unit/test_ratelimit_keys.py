@@ -68,3 +68,20 @@ def test_named_limits_and_plans_have_keys_of_their_own() -> None:
     daily = check("route", "fixed_window", 86400.0, name="daily", plans={"pro": 1000})
     assert daily.key("x", CIMultiDict(), None, "pro") == "fg:rl:{search:route}:daily@pro:fixed_window:86400000"
     assert daily.key("x", CIMultiDict(), None, "free") == "fg:rl:{search:route}:daily:fixed_window:86400000"
+
+
+def test_plan_names_from_credentials_cannot_grow_what_a_group_remembers() -> None:
+    """A plan comes from a key record or an authorizer's header: a plan no limit names is counted as no plan, and
+    what a group of several limits makes once per plan stays bounded by the plans its limits name."""
+    limits = [RateLimitCheck("search", RateLimit(name=name, limit=10, per=Duration(per), key="client_ip",  # type: ignore[arg-type]
+                                                 on_store_error="open", plans={"pro": 100}), workers=1, retry_after=2.0)
+              for name, per in (("burst", 1.0), ("daily", 86400.0))]
+    group = LimitGroup("search", limits, key_prefix="fg:", auth_header=None, auth_scheme=None)
+    stem = group.key("192.0.2.7", CIMultiDict(), None)
+    pro = group.plan(stem, "pro")
+    assert pro is not None and [op.limit for op in pro.ops] == [100, 100]
+    for i in range(1000):
+        planned = group.plan(stem, f"made-up-{i}")
+        assert planned is not None
+        assert [(op.key, op.limit) for op in planned.ops] == [(op.key.replace("@pro", ""), 10) for op in pro.ops]
+    assert len(group._made) <= 2
