@@ -1,24 +1,35 @@
 """What the check pipeline itself costs, without sockets: `python -m benchmarks.pipeline_cost`
 
-Runs a rate-limited route's checks against an in-process store that answers at once, and against one that
+Runs a rate-limited route's checks — one limit, and two limits on one key (a burst and a daily quota, one store
+operation) — with their RateLimit fields, against an in-process store that answers at once, and against one that
 answers on the next event-loop turn (as a reply from Redis would), 64 requests at a time; and, for scale, a bare
 suspend/resume. Steady figures (no network, no other process), to tell the pipeline's own CPU from the
-event-loop and I/O costs the suite measures."""
+event-loop and I/O costs the suite measures.
+
+`--instructions` counts instructions per request instead, under valgrind's callgrind (deterministic, where CPU
+time moves by tens of percent on shared cores): each case runs twice, with N and 3N batches of 64, and the
+difference of the two totals is divided by the requests between them, so start-up and warm-up cancel out."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import re
+import shutil
+import subprocess
+import sys
 import time
 from typing import Any
 
 import uvloop
 from multidict import CIMultiDict
 
+from proxy.app import _rate_limit_fields
 from proxy.compiled import Runtime
 from proxy.config import load_text
 from proxy.pipeline import run_checks
 from proxy.store.breaker import Breaker, BreakerStore
-from proxy.store.ops import RateResult
+from proxy.store.ops import LimitsOp, RateResult
 
 CONFIG = """version: 1
 store: {url: "memory://"}
@@ -28,52 +39,102 @@ routes:
     match: {path: /rl}
     upstream: api
     rate_limit: {limit: 1000000000, per: 1m, key: client_ip, on_store_error: open}
+  - name: rl-two
+    match: {path: /rl-two}
+    upstream: api
+    rate_limit:
+      - {name: burst, limit: 1000000000, per: 1s, key: client_ip, on_store_error: open}
+      - {name: daily, limit: 1000000000, per: 1d, algorithm: fixed_window, key: client_ip, on_store_error: open}
 """
-ANSWER = [RateResult(True, 100, 12.0, 0.0, (1, 2, 3))]
+RESULT = RateResult(True, 100, 12.0, 0.0, (1, 2, 3))
+CASES = {"one limit": "/rl", "two limits on one key": "/rl-two"}
+STORES = ("instant", "next-turn")
+
+
+def _answer(ops: Any) -> list[Any]:
+    return [[RESULT] * len(op.limits) if type(op) is LimitsOp else RESULT for op in ops]
 
 
 class Instant:
     async def execute(self, ops: Any) -> list[Any]:
-        return ANSWER
+        return _answer(ops)
 
 
 class NextTurn:
     async def execute(self, ops: Any) -> list[Any]:
         loop = asyncio.get_running_loop()
         f: asyncio.Future[list[Any]] = loop.create_future()
-        loop.call_soon(f.set_result, ANSWER)
+        loop.call_soon(f.set_result, _answer(ops))
         return await f
 
 
-async def _per_request(make: Any, n: int = 64 * 300) -> float:
-    for _ in range(5):
+async def _batches(make: Any, n: int) -> None:
+    for _ in range(n):
         await asyncio.gather(*(make() for _ in range(64)))
+
+
+async def _per_request(make: Any, n: int = 300) -> float:
+    await _batches(make, 5)
     t0 = time.perf_counter()
-    for _ in range(n // 64):
-        await asyncio.gather(*(make() for _ in range(64)))
-    return (time.perf_counter() - t0) / n * 1e6
+    await _batches(make, n)
+    return (time.perf_counter() - t0) / (n * 64) * 1e6
+
+
+def _request(store: str, path: str) -> Any:
+    rt = Runtime(load_text(CONFIG, "pipeline_cost"), BreakerStore(Instant() if store == "instant" else NextTurn(),
+                                                                  Breaker(5, 2.0)))
+    route = rt.router.match("GET", None, path)
+    headers = CIMultiDict({"Host": "x"})
+
+    async def one() -> int:
+        decision = await run_checks(rt, route, headers, "127.0.0.1")  # type: ignore[arg-type]
+        return _rate_limit_fields(decision.verdicts, [])
+
+    return one
 
 
 async def main() -> None:
-    loaded = load_text(CONFIG, "pipeline_cost")
-    headers = CIMultiDict({"Host": "x"})
     loop = asyncio.get_running_loop()
-    for name, store in (("instant store", Instant()), ("store answering next turn", NextTurn())):
-        rt = Runtime(loaded, BreakerStore(store, Breaker(5, 2.0)))
-        route = rt.router.match("GET", None, "/rl")
-
-        async def one(rt: Runtime = rt, route: Any = route) -> Any:
-            return await run_checks(rt, route, headers, "127.0.0.1")
-
-        print(f"  run_checks, {name:<26} {await _per_request(one):6.2f} µs per request (64 at a time)")
+    for store in STORES:
+        for case, path in CASES.items():
+            print(f"  run_checks + fields, {case:<22} store {store:<10} "
+                  f"{await _per_request(_request(store, path)):6.2f} µs per request (64 at a time)")
 
     async def bare() -> int:
         f: asyncio.Future[int] = loop.create_future()
         loop.call_soon(f.set_result, 1)
         return await f
 
-    print(f"  bare suspend and resume{'':<20} {await _per_request(bare):6.2f} µs per request (64 at a time)")
+    print(f"  bare suspend and resume{'':<37} {await _per_request(bare):6.2f} µs per request (64 at a time)")
+
+
+def count_instructions(batches: int) -> None:
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind")
+    print(f"instructions per request (callgrind; {batches} and {3 * batches} batches of 64 per case)")
+    for store in STORES:
+        for case, path in CASES.items():
+            totals = []
+            for n in (batches, 3 * batches):
+                done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                                       sys.executable, "-m", "benchmarks.pipeline_cost", "--one", store, path,
+                                       "--batches", str(n)], capture_output=True, text=True, check=True)
+                found = re.search(r"Collected : (\d+)", done.stderr)
+                assert found, done.stderr[-2000:]
+                totals.append(int(found.group(1)))
+            print(f"  {case:<22} store {store:<10} {(totals[1] - totals[0]) / (2 * batches * 64) / 1000:7.1f}k",
+                  flush=True)
 
 
 if __name__ == "__main__":
-    uvloop.run(main())
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_cost", description=__doc__.split("\n")[0])
+    ap.add_argument("--instructions", action="store_true", help="count instructions under callgrind instead")
+    ap.add_argument("--batches", type=int, default=100, help="batches of 64 requests per callgrind run")
+    ap.add_argument("--one", nargs=2, metavar=("STORE", "PATH"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        uvloop.run(_batches(_request(*a.one), a.batches))
+    elif a.instructions:
+        count_instructions(a.batches)
+    else:
+        uvloop.run(main())

@@ -6,6 +6,7 @@ CPU accounting, so Redis's CPU is not counted) and the average batch size the cl
 
   store      RedisStore.execute, as the reference proxy calls it
   stack      the same through the breaker (and the idle chaos switch), called as Failgate's pipeline calls it
+  two        as `stack`, for two limits on one key (a 1 s sliding window and a daily fixed window, one script)
   yield      a bare suspend/resume on the next loop turn: the floor any round trip pays per request
 
 The store's "added cost per request" of issue #3 is `stack` (a proxy with no store call pays none of it).
@@ -13,7 +14,8 @@ The store's "added cost per request" of issue #3 is `stack` (a proxy with no sto
 
 `--instructions` counts instructions per call instead, under valgrind's callgrind (deterministic, where CPU time
 moves by tens of percent on shared cores): each case runs twice under callgrind, with N and 3N calls, and the
-difference of the two totals is divided by 2N, so start-up and warm-up cancel out."""
+difference of the two totals is divided by the 4N calls between them (each run makes a warm-up pass of its calls
+first), so start-up cancels out."""
 
 from __future__ import annotations
 
@@ -33,10 +35,14 @@ import uvloop
 from benchmarks.ports import free_port
 from proxy.store.breaker import Breaker, BreakerStore
 from proxy.store.chaos import ChaosStore
-from proxy.store.ops import RateOp
+from proxy.store.ops import LimitsOp, RateOp
 from proxy.store.redis import RedisStore
 
 OP = RateOp("sliding_window", "bench:{rl:one}:sliding_window:60000", 1_000_000_000, 60_000_000, 1_000_000_000)
+_TWO = (RateOp("sliding_window", "bench:{rl:two}:burst:sliding_window:1000", 1_000_000_000, 1_000_000, 1_000_000_000),
+        RateOp("fixed_window", "bench:{rl:two}:daily:fixed_window:86400000", 1_000_000_000, 86_400_000_000,
+               1_000_000_000))
+TWO = LimitsOp(_TWO, tuple((o.algorithm, o.limit, o.window, o.burst, o.shadow) for o in _TWO))
 
 
 def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -74,7 +80,7 @@ async def _measure(call: Any, concurrency: int, calls: int) -> float:
     return (time.process_time() - t0) / (per * concurrency) * 1e6
 
 
-KINDS = ("store", "stack", "yield")
+KINDS = ("store", "stack", "two", "yield")
 
 
 async def _calls(url: str) -> tuple[RedisStore, dict[str, Any]]:
@@ -82,7 +88,7 @@ async def _calls(url: str) -> tuple[RedisStore, dict[str, Any]]:
     await _wait_up(store)
     stack = BreakerStore(ChaosStore(store, 5.0), Breaker(5, 5.0))
     loop = asyncio.get_running_loop()
-    ops = [OP]
+    ops, two = [OP], [TWO]
 
     async def via_store() -> None:
         await store.execute(ops)
@@ -90,12 +96,15 @@ async def _calls(url: str) -> tuple[RedisStore, dict[str, Any]]:
     async def via_stack() -> None:  # as proxy/pipeline.py calls it
         await stack.round_trip(ops)
 
+    async def via_stack_two() -> None:
+        await stack.round_trip(two)
+
     async def bare_yield() -> None:
         f = loop.create_future()
         loop.call_soon(f.set_result, None)
         await f
 
-    return store, dict(zip(KINDS, (via_store, via_stack, bare_yield), strict=True))
+    return store, dict(zip(KINDS, (via_store, via_stack, via_stack_two, bare_yield), strict=True))
 
 
 async def one(url: str, kind: str, concurrency: int, calls: int) -> None:
@@ -126,7 +135,7 @@ def count_instructions(levels: list[int], calls: int) -> None:
                         found = re.search(r"Collected : (\d+)", done.stderr)
                         assert found, done.stderr[-2000:]
                         totals.append(int(found.group(1)))
-                    row.append((totals[1] - totals[0]) / (2 * calls))
+                    row.append((totals[1] - totals[0]) / (4 * calls))  # each run: a warm-up pass, then its calls
                 print(f"{c:>11} " + " ".join(f"{v / 1000:>8.1f}k" for v in row), flush=True)
         finally:
             proc.terminate()
@@ -138,17 +147,17 @@ async def main(calls: int, repeat: int, levels: list[int]) -> None:
         proc, url = start_redis(workdir)
         try:
             store, cases = await _calls(url)
-            via_store, via_stack, bare_yield = (cases[k] for k in KINDS)
+            via_store, via_stack, via_two, bare_yield = (cases[k] for k in KINDS)
             batches = _BatchCounter(store)
-            print(f"{'concurrency':>11} {'store µs':>9} {'stack µs':>9} {'yield µs':>9} {'avg batch':>9}")
+            print(f"{'concurrency':>11} {'store µs':>9} {'stack µs':>9} {'two µs':>9} {'yield µs':>9} {'avg batch':>9}")
             for c in levels:
                 row = []
-                for call in (via_store, via_stack, bare_yield):
+                for call in (via_store, via_stack, via_two, bare_yield):
                     batches.reset()
                     row.append(statistics.median([await _measure(call, c, calls) for _ in range(repeat)]))
                     if call is via_stack:
                         avg = batches.average()
-                print(f"{c:>11} {row[0]:>9.1f} {row[1]:>9.1f} {row[2]:>9.1f} {avg:>9.1f}")
+                print(f"{c:>11} " + " ".join(f"{v:>9.1f}" for v in row) + f" {avg:>9.1f}")
             await store.close()
         finally:
             proc.terminate()

@@ -42,7 +42,10 @@ def redacted(loaded: LoadedConfig) -> dict[str, Any]:
         doc["admin"]["token"] = "***"
     doc["store"]["url"] = redact_url(doc["store"]["url"])
     for up in doc["upstreams"].values():
-        up["url"] = redact_url(up["url"])
+        if up.get("url") is not None:
+            up["url"] = redact_url(up["url"])
+        if up.get("targets") is not None:
+            up["targets"] = [redact_url(url) for url in up["targets"]]
     for path in loaded.from_env:  # anything that came from ${VAR} is treated as a secret
         _set_path(doc, path, "***")
     return doc

@@ -25,7 +25,8 @@ def describe(loaded: LoadedConfig) -> str:
         host = f" host {m.host}" if m.host else ""
         up = cfg.upstreams[r.upstream]
         strip = " (prefix stripped)" if r.strip_prefix else ""
-        lines.append(f"  [{i}] {r.name}: {methods} {path}{host} -> {r.upstream} {up.url}{strip}")
+        dest = redact_url(up.urls[0]) if len(up.urls) == 1 else f"({len(up.urls)} targets)"
+        lines.append(f"  [{i}] {r.name}: {methods} {path}{host} -> {r.upstream} {dest}{strip}")
         if r.auth is None and not r.limits:
             lines.append("      no checks")
         inherited = loaded.inherited
@@ -65,6 +66,15 @@ def describe(loaded: LoadedConfig) -> str:
             shadow = " (shadow: counted, never denies)" if rl.shadow else ""
             lines.append(f"      {label}: {rl.limit} per {format_duration(rl.per)} ({rl.algorithm}) by "
                          f"{rl.key};{plans} on_store_error {rl.on_store_error} ({how}){extra}{shadow}")
+    lines.append("upstreams:")
+    for name, up in cfg.upstreams.items():
+        if len(up.urls) == 1:
+            lines.append(f"  {name}: {redact_url(up.urls[0])}")
+            continue
+        lines.append(f"  {name}: {len(up.urls)} targets, {up.balance}; a target out for "
+                     f"{format_duration(up.eject.for_)} after {up.eject.failures} gateway failures in a row "
+                     f"(at most {len(up.urls) // 2} out at once); idempotent requests retried once on another")
+        lines.extend(f"    - {redact_url(url)}" for url in up.urls)
     warns = warnings(loaded)
     if warns:
         lines.append("warnings:")

@@ -31,6 +31,7 @@ from .observe.decisionlog import DecisionLog, LogWriter
 from .observe.metrics import RouteMetrics
 from .routing import Router, compile_match
 from .store.breaker import Breaker, BreakerStore
+from .targets import Settings, Target
 
 # Failgate's own identity headers: a client must never be able to send them upstream. Always removed from what
 # clients send, whatever `headers.degraded` renames the tag to: an upstream that once read the default name must
@@ -46,7 +47,7 @@ class Memories:
     decisions: DecisionLog
     local: LocalLimiter = field(default_factory=LocalLimiter)  # rate-limit state for `stale`
     keys: KeyMemory = field(default_factory=KeyMemory)  # API-key answers for `cache_for` and `stale`
-    upstreams: dict[str, UpstreamClient] = field(default_factory=dict)  # pools, by upstream name
+    targets: dict[Settings, Target] = field(default_factory=dict)  # upstream targets: pools and health
     keysets: dict[str, KeySet] = field(default_factory=dict)  # jwt key sets, by source
     tokens: TokenMemory = field(default_factory=TokenMemory)  # verified jwt tokens
     authorizers: dict[str, Authorizer] = field(default_factory=dict)  # by route: breaker, pool, verdicts
@@ -108,9 +109,17 @@ class Runtime:
         self.local = memories.local
         self.keys = memories.keys
         workers = workers or resolve_workers(cfg.workers)
-        # An upstream whose settings did not change keeps its pooled session across a reload.
-        reuse = memories.upstreams
-        self.upstreams = {name: reuse[name] if name in reuse and reuse[name].cfg == up else UpstreamClient(name, up)
+        # A target whose URL and connection settings did not change keeps its pooled session and its health
+        # across a reload.
+        self.targets: dict[Settings, Target] = {}
+        for name, up in cfg.upstreams.items():
+            for url in up.urls:
+                settings = Settings(name, url, up.connect_timeout, up.tls_verify)
+                kept = memories.targets.get(settings)
+                self.targets[settings] = kept if kept is not None else Target(settings)
+        memories.targets = self.targets
+        self.upstreams = {name: UpstreamClient(name, up, [self.targets[Settings(name, url, up.connect_timeout,
+                                                                                up.tls_verify)] for url in up.urls])
                           for name, up in cfg.upstreams.items()}
         self.active = 0  # requests in flight on this runtime
         self._drained: asyncio.Event | None = None
@@ -161,10 +170,14 @@ class Runtime:
         self.drop_headers_untrusted = self.drop_headers | SPOOFABLE
         self.own_headers = frozenset([cfg.headers.degraded.lower(), *OWN_HEADERS, *authorizer_headers])
 
-    async def close(self, keep: set[UpstreamClient] | None = None) -> None:
-        for up in self.upstreams.values():
-            if keep is None or up not in keep:
-                await up.close()
+    async def close(self, keep: Runtime | None = None) -> None:
+        """Close the pools of this config's targets (all, or those `keep` no longer uses)."""
+        shown = {(t.settings.upstream, t.label) for t in keep.targets.values()} if keep is not None else set()
+        for settings, target in self.targets.items():
+            if keep is None or keep.targets.get(settings) is not target:
+                await target.close()
+                if (settings.upstream, target.label) not in shown:  # (a target with new settings shows in its place)
+                    target.forget()
 
     async def drained(self) -> None:
         """Wait until no request started on this runtime is still in flight (after a swap)."""

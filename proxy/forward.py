@@ -1,8 +1,13 @@
 """Streams a request to its upstream and the response back, in bounded memory both ways.
 
-One pooled ClientSession per upstream. Time budgets: `connect_timeout` (502), `timeout` until the response
-headers (504), `idle_timeout` for any pause while a body streams either way (the stream is cut; the status was
-already sent).
+One pooled ClientSession per upstream target (targets.py picks the target and keeps its health). Time budgets:
+`connect_timeout` (502), `timeout` until the response headers (504), `idle_timeout` for any pause while a body
+streams either way (the stream is cut; the status was already sent).
+
+An idempotent request (RFC 9110) whose body is empty or small enough to be read whole first (64 KiB, with a
+Content-Length) goes once more, to another target, when the first could not be connected to or closed the
+connection before any byte of a response. Nothing else is ever sent twice: not a POST, not a streamed body, not a
+request that timed out (the target may be working on it).
 """
 
 from __future__ import annotations
@@ -14,12 +19,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import BasicAuth, web
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from .config.schema import Upstream
-from .observe.metrics import UPSTREAM_DURATION, FastHistogram
+from .observe.metrics import UPSTREAM_DURATION, UPSTREAM_RETRIES, FastHistogram, incrementer
+from .targets import Balancer, Target
 
 log = logging.getLogger("failgate.forward")
 
@@ -70,125 +75,170 @@ class Outgoing:
     reply_headers: list[tuple[str, str]]  # added to the response: request id, RateLimit fields, degraded tag
 
 
-class UpstreamClient:
-    """One upstream: its pooled session and time budgets."""
+# RFC 9110 §9.2.2: a request that can be sent twice with the effect of once.
+IDEMPOTENT = frozenset(["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"])
+_GATEWAY_STATUSES = frozenset([502, 503, 504])
 
-    def __init__(self, name: str, cfg: Upstream) -> None:
+
+class _NoResponse(Exception):
+    """The target could not be connected to, or closed the connection before any byte of a response: nothing
+    was answered, so an idempotent request with a replayable body may go to another target."""
+
+    def __init__(self, failed: UpstreamFailed) -> None:
+        super().__init__(failed.detail)
+        self.failed = failed
+
+
+class _Body:
+    """A request body streamed upstream in chunks, counting against max_body as it goes."""
+
+    __slots__ = ("too_large",)
+
+    def __init__(self) -> None:
+        self.too_large = False
+
+    async def stream(self, request: web.BaseRequest, max_body: int, idle: float) -> AsyncIterator[bytes]:
+        seen = 0
+        content = request.content
+        while True:
+            async with asyncio.timeout(idle):
+                chunk = await content.readany()
+            if not chunk:
+                return
+            seen += len(chunk)
+            if seen > max_body:
+                self.too_large = True
+                raise BodyTooLarge
+            yield chunk
+
+
+class UpstreamClient:
+    """One upstream: its targets (balancer and passive health, targets.py) and time budgets."""
+
+    def __init__(self, name: str, cfg: Upstream, targets: list[Target]) -> None:
         self.name = name
         self.cfg = cfg
-        url = URL(cfg.url)
-        # What Host says unless preserve_host: host[:port], never the userinfo. Userinfo in the URL becomes an
-        # `Authorization: Basic` header to this upstream instead (it replaces any the client sent).
-        host = url.raw_host or ""
-        if ":" in host:
-            host = f"[{host}]"
-        self.host_header = host if url.explicit_port is None else f"{host}:{url.explicit_port}"
-        self.authorization = BasicAuth(url.user or "", url.password or "").encode() if url.user is not None else None
-        self._origin = f"{url.scheme}://{self.host_header}"
-        self._base_path = url.raw_path.rstrip("/")
+        self.targets = targets
+        self.balancer = Balancer(name, targets, cfg.balance, cfg.eject.failures, cfg.eject.for_)
+        # Userinfo in the URL becomes an `Authorization: Basic` header (validation: the same on every target).
+        self.authorization = targets[0].authorization
+        self._several = len(targets) > 1
         self._duration = FastHistogram(UPSTREAM_DURATION.labels(name))
-        self._session: aiohttp.ClientSession | None = None
+        self._retries = incrementer(UPSTREAM_RETRIES.labels(name))
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        # Created lazily: a ClientSession must be made inside the running loop.
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=0, ssl=self.cfg.tls_verify, keepalive_timeout=30, ttl_dns_cache=10,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                # No sock_read: aiohttp would re-arm a timer on every read. forward() keeps one timer per request.
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout, sock_read=None),
-                trust_env=False,
-                max_field_size=65536,
-                read_bufsize=_CHUNK,
-            )
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def url_for(self, path_qs: str) -> URL:
-        return URL(self._origin + self._base_path + path_qs, encoded=True)
+    def state(self) -> dict[str, object]:
+        return {"balance": self.cfg.balance, "targets": [t.state() for t in self.targets]}
 
     async def forward(self, request: web.BaseRequest, out: Outgoing) -> web.StreamResponse:
         """Send `out` upstream and stream the answer to the client; raises UpstreamFailed before the status."""
-        too_large = False
-        data = None
+        body = _Body()
+        data: AsyncIterator[bytes] | bytes | None = None
         if request.body_exists:
             length = request.content_length
             if length is not None and length > out.max_body:
                 raise UpstreamFailed(413, f"the request body is larger than {out.max_body} bytes", out.reply_headers)
+            if self._several and out.method in IDEMPOTENT and length is not None and length <= _SMALL:
+                data = await self._read_whole(request, body, out)  # small and replayable: may go to another target
+            else:
+                data = body.stream(request, out.max_body, self.cfg.idle_timeout)
+        own_host = "Host" not in out.headers  # not preserve_host: each target is told its own name
+        target = self.balancer.pick()
+        assert target is not None  # never more than half of the targets are out
+        try:
+            return await self._send(request, out, target, own_host, data, body)
+        except _NoResponse as first:
+            if (data is not None and type(data) is not bytes) or out.method not in IDEMPOTENT:
+                raise first.failed from None
+            other = self.balancer.pick(exclude=target)
+            if other is None:
+                raise first.failed from None
+            self._retries(1.0)
+            log.debug("upstream %s: %s %s sent again to %s after %s", self.name, out.method, out.path_qs,
+                      other.label, first.failed.detail)
+            try:
+                return await self._send(request, out, other, own_host, data, body)
+            except _NoResponse as second:
+                raise second.failed from None
 
-            async def request_body() -> AsyncIterator[bytes]:
-                nonlocal too_large
-                seen = 0
-                content = request.content
-                idle = self.cfg.idle_timeout
-                while True:
-                    async with asyncio.timeout(idle):
-                        chunk = await content.readany()
-                    if not chunk:
-                        return
-                    seen += len(chunk)
-                    if seen > out.max_body:
-                        too_large = True
-                        raise BodyTooLarge
-                    yield chunk
+    async def _read_whole(self, request: web.BaseRequest, body: _Body, out: Outgoing) -> bytes:
+        chunks = []
+        try:
+            async for chunk in body.stream(request, out.max_body, self.cfg.idle_timeout):
+                chunks.append(chunk)
+        except BodyTooLarge:
+            raise UpstreamFailed(413, "the request body is larger than limits.max_body", out.reply_headers) from None
+        except (TimeoutError, ConnectionError, aiohttp.ClientPayloadError, OSError):
+            raise UpstreamFailed(400, "the request body did not arrive", out.reply_headers) from None
+        return b"".join(chunks)
 
-            data = request_body()
-
+    async def _send(self, request: web.BaseRequest, out: Outgoing, target: Target, own_host: bool,
+                    data: AsyncIterator[bytes] | bytes | None, body: _Body) -> web.StreamResponse:
+        if own_host:
+            out.headers["Host"] = target.host_header
+        balancer = self.balancer
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        body: bytes | None = None
+        content: bytes | None = None
         upstream: aiohttp.ClientResponse | None = None
-        # One timer per request: `timeout` until the headers, then — for a small body read whole — `idle_timeout`.
+        target.in_flight += 1
         try:
-            async with asyncio.timeout(self.cfg.timeout) as budget:
-                upstream = await self.session.request(
-                    out.method, self.url_for(out.path_qs), headers=out.headers, data=data,
-                    allow_redirects=False, compress=None, auto_decompress=False,
-                )
-                self._duration.observe(time.perf_counter() - started)
-                length = upstream.content_length
-                if length is not None and length <= _SMALL and out.method != "HEAD":
-                    # Most API responses: read whole and sent with the headers in one write (each extra write
-                    # is a system call).
-                    budget.reschedule(loop.time() + self.cfg.idle_timeout)
-                    body = await upstream.read()
-        # aiohttp's timeout errors subclass TimeoutError, so they come first.
-        except aiohttp.ConnectionTimeoutError:
-            raise self._failed(too_large, 502, "could not connect to the upstream in time", out) from None
-        except TimeoutError:
-            if upstream is not None:
-                upstream.close()
-                raise UpstreamFailed(502, "the upstream response was cut short", out.reply_headers) from None
-            raise self._failed(too_large, 504, "the upstream did not answer in time", out) from None
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-            if upstream is not None:
-                log.info("body from upstream %s cut: %r", self.name, exc)
-                raise UpstreamFailed(502, "the upstream response was cut short", out.reply_headers) from None
-            raise self._failed(too_large, 502, "the upstream could not be reached", out) from None
-        except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
-            log.debug("upstream %s failed: %r", self.name, exc)
-            raise self._failed(too_large, 502, "the upstream could not be reached", out) from None
-        assert upstream is not None
-        if body is not None:
-            resp = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-            copy_response_headers(upstream.headers, resp.headers, _NO_LENGTH)
-            for name, value in out.reply_headers:
-                resp.headers[name] = value
-            return resp
-        return await self._stream(request, upstream, out)
+            # One timer per request: `timeout` until the headers, then — for a small body read whole —
+            # `idle_timeout`.
+            try:
+                async with asyncio.timeout(self.cfg.timeout) as budget:
+                    upstream = await target.session.request(
+                        out.method, target.url_for(out.path_qs), headers=out.headers, data=data,
+                        allow_redirects=False, compress=None, auto_decompress=False,
+                    )
+                    self._duration.observe(time.perf_counter() - started)
+                    if upstream.status in _GATEWAY_STATUSES:
+                        balancer.failed(target, f"it answered {upstream.status}")
+                    elif target.failures:
+                        balancer.answered(target)
+                    length = upstream.content_length
+                    if length is not None and length <= _SMALL and out.method != "HEAD":
+                        # Most API responses: read whole and sent with the headers in one write (each extra write
+                        # is a system call).
+                        budget.reschedule(loop.time() + self.cfg.idle_timeout)
+                        content = await upstream.read()
+            # aiohttp's timeout errors subclass TimeoutError, so they come first.
+            except aiohttp.ConnectionTimeoutError:
+                balancer.failed(target, "a connect timeout")
+                raise _NoResponse(self._failed(body, 502, "could not connect to the upstream in time", out)) from None
+            except TimeoutError:
+                if upstream is not None:
+                    upstream.close()
+                    raise UpstreamFailed(502, "the upstream response was cut short", out.reply_headers) from None
+                balancer.failed(target, "a timeout")
+                raise self._failed(body, 504, "the upstream did not answer in time", out) from None
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+                if upstream is not None:
+                    log.info("body from upstream %s cut: %r", self.name, exc)
+                    raise UpstreamFailed(502, "the upstream response was cut short", out.reply_headers) from None
+                balancer.failed(target, "a closed connection")
+                raise _NoResponse(self._failed(body, 502, "the upstream could not be reached", out)) from None
+            except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
+                log.debug("upstream %s failed: %r", self.name, exc)
+                failed = self._failed(body, 502, "the upstream could not be reached", out)
+                if body.too_large:
+                    raise failed from None
+                balancer.failed(target, "a refused or reset connection")
+                if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
+                    raise _NoResponse(failed) from None
+                raise failed from None
+            assert upstream is not None
+            if content is not None:
+                resp = web.Response(status=upstream.status, reason=upstream.reason, body=content)
+                copy_response_headers(upstream.headers, resp.headers, _NO_LENGTH)
+                for name, value in out.reply_headers:
+                    resp.headers[name] = value
+                return resp
+            return await self._stream(request, upstream, out)
+        finally:
+            target.in_flight -= 1
 
-    def _failed(self, too_large: bool, status: int, detail: str, out: Outgoing) -> UpstreamFailed:
-        if too_large:
+    def _failed(self, body: _Body, status: int, detail: str, out: Outgoing) -> UpstreamFailed:
+        if body.too_large:
             return UpstreamFailed(413, "the request body is larger than limits.max_body", out.reply_headers)
         return UpstreamFailed(status, detail, out.reply_headers)
 
@@ -258,7 +308,8 @@ def upstream_headers(request: web.BaseRequest, strip: frozenset[str], own: froze
     if authority is not None:
         out["X-Forwarded-Host"] = authority
     out[request_id_header] = request_id
-    out["Host"] = (authority or upstream.host_header) if preserve_host else upstream.host_header
+    if preserve_host and authority is not None:
+        out["Host"] = authority  # otherwise forward() names the target it picked
     return out
 
 

@@ -25,7 +25,7 @@ import msgspec
 from aiohttp import web
 
 from .config import ConfigError, LoadedConfig, load_text
-from .config.values import resolve_workers
+from .config.values import redact_url, resolve_workers
 from .jwks import JwksSupply
 from .reload import ConfigCollector, ConfigState, watch_file
 from .revocations import RevocationDesk
@@ -188,6 +188,10 @@ async def worker_main() -> None:
     from .store.breaker import NAMES
 
     serving.notify = lambda state: send({"event": "state", "breaker": NAMES[state]})
+    from . import targets
+
+    targets.on_change = lambda t: send({"event": "target", "upstream": t.settings.upstream, "target": t.label,
+                                        "up": not t.out})
     serving.refetch = lambda url: send({"event": "jwks_refetch", "url": url})
     settle_gc()
     send({"event": "ready", "pid": os.getpid(), "sha256": loaded.sha256})
@@ -228,6 +232,7 @@ class Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = False
         self.breaker = "closed"
+        self.out: set[tuple[str, str]] = set()  # (upstream, target) this worker has taken out
         self.sha256 = ""
         self.started_at = 0.0
         self.listener: asyncio.Task[None] | None = None
@@ -263,7 +268,20 @@ class Supervisor:
                     "sha256": self.loaded.sha256,
                     "store": self.loaded.config.store.url.split("://", 1)[0],
                     "breaker": breakers[0] if len(breakers) == 1 else ",".join(breakers) or "closed",
-                    "chaos": self.chaos}
+                    "chaos": self.chaos, "upstreams": self._upstreams()}
+
+    def _upstreams(self) -> dict[str, Any]:
+        """Each upstream's targets as the workers see them: up unless a worker has taken it out."""
+        ready = [w for w in self.workers if w.ready]
+        out: dict[str, Any] = {}
+        for name, up in self.loaded.config.upstreams.items():
+            targets = []
+            for url in up.urls:
+                label = redact_url(url)
+                by = sum((name, label) in w.out for w in ready)
+                targets.append({"url": label, "up": by == 0, "out_in_workers": by})
+            out[name] = {"balance": up.balance, "targets": targets}
+        return out
 
     async def control(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Validate here, then send to every worker (their stdin is their control channel)."""
@@ -332,9 +350,16 @@ class Supervisor:
             if event.get("event") == "ready":
                 w.ready = True
                 w.breaker = "closed"
+                w.out = set()
                 log.info("worker %d ready (pid %d)", w.index, proc.pid)
             elif event.get("event") == "state":
                 w.breaker = event.get("breaker", w.breaker)
+            elif event.get("event") == "target":
+                which = (str(event.get("upstream")), str(event.get("target")))
+                if event.get("up"):
+                    w.out.discard(which)
+                else:
+                    w.out.add(which)
             elif event.get("event") == "jwks_refetch":
                 self.jwks.refetch(str(event.get("url")))
         code = await proc.wait()

@@ -180,7 +180,7 @@ class Serving:
         if cfg.store != old_cfg.store:
             old_store = self.store
             rehearsal = self.chaos.active() if self.chaos is not None else None
-            memories = Memories(self._store_stack(cfg.store), decisions, upstreams=old.upstreams,
+            memories = Memories(self._store_stack(cfg.store), decisions, targets=old.targets,
                                 keysets=self.keysets, tokens=old.memories.tokens)
             if rehearsal is not None and self.chaos is not None:
                 self.chaos.fault = rehearsal  # an outage rehearsal goes on for what is left of it, on the new store
@@ -192,7 +192,7 @@ class Serving:
             self._start_feed(cfg.store)
             log.info("reload: `store` changed; new store client, breaker and stale state")
         else:
-            memories = Memories(old.store, decisions, old.local, old.keys, old.upstreams, self.keysets,
+            memories = Memories(old.store, decisions, old.local, old.keys, old.targets, self.keysets,
                                 old.memories.tokens)
         if self.supply is not None:
             self.supply.configure(cfg)
@@ -207,7 +207,7 @@ class Serving:
 
     async def _retire(self, old: Runtime, new: Runtime, old_store: Any) -> None:
         await old.drained()
-        await old.close(keep=set(new.upstreams.values()))
+        await old.close(keep=new)
         old.decisions.flush(final=True)
         if old_store is not None:
             await old_store.close()
@@ -231,6 +231,7 @@ class Serving:
             "breaker": NAMES[self.breaker.state] if self.breaker is not None else "closed",
             "chaos": fault.kind if fault is not None else None,
             "revocations": self.feed.state if self.feed is not None else None,
+            "upstreams": {name: up.state() for name, up in self.runtime.upstreams.items()} if self.runtime else {},
         }
 
     def control(self, cmd: dict[str, Any]) -> dict[str, Any]:

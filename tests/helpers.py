@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import signal
@@ -333,9 +334,15 @@ class RawUpstream:
 # --- waiting for a state ----------------------------------------------------------------------------------------
 
 async def until(what: str, predicate: Any, timeout: float = 15.0) -> None:
-    """Poll `await predicate()` every 50 ms until it is true; fail naming `what` after `timeout` seconds."""
+    """Poll `predicate()` (awaited when it is a coroutine) every 50 ms until it is true; fail naming `what` after
+    `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not await predicate():
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         await asyncio.sleep(0.05)
 

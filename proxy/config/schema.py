@@ -120,13 +120,29 @@ class Limits(_Strict, kw_only=True, frozen=True):
     max_header_size: ByteSize = ByteSize(32 << 10)  # all header fields together; more: 431
 
 
+class Eject(_Strict, kw_only=True, frozen=True):
+    """Passive health of an upstream's targets: consecutive gateway failures that take a target out, and for how
+    long (`for` in YAML)."""
+
+    failures: Positive = 5
+    for_: Duration = msgspec.field(default=Duration(10.0), name="for")
+
+
 class Upstream(_Strict, kw_only=True, frozen=True):
-    url: str
+    url: str | None = None  # one target; or `targets` for several
+    targets: list[str] | None = None
+    balance: Literal["round_robin", "least_request"] = "round_robin"
+    eject: Eject = msgspec.field(default_factory=Eject)
     connect_timeout: Duration = Duration(1.0)
     timeout: Duration = Duration(30.0)
     idle_timeout: Duration = Duration(60.0)
     preserve_host: bool = False
     tls_verify: bool = True
+
+    @property
+    def urls(self) -> list[str]:
+        """Every target's URL (validation makes sure there is one at least)."""
+        return self.targets if self.targets is not None else [self.url] if self.url is not None else []
 
 
 class Match(_Strict, kw_only=True, frozen=True):

@@ -84,15 +84,34 @@ def validate(loaded: LoadedConfig) -> None:
         path = f"upstreams.{name}"
         if not _NAME.match(name):
             raise fail(path, "an upstream name is 1-64 letters, digits, '_', '.' or '-'")
-        try:
-            url = URL(up.url)
-        except ValueError:
-            url = None
-        if url is None or url.scheme not in ("http", "https") or not url.host:
-            raise fail(f"{path}.url", f"expected an http:// or https:// URL such as http://127.0.0.1:8000, "
-                       f"got {redact_url(up.url)!r}")
-        if url.query_string or url.fragment:
-            raise fail(f"{path}.url", "a query string or fragment is not allowed in an upstream URL")
+        if (up.url is None) == (up.targets is None):
+            raise fail(path, "expected either `url` (one target) or `targets` (a list of URLs), not "
+                       + ("both" if up.url is not None else "neither"))
+        if up.targets is not None and not up.targets:
+            raise fail(f"{path}.targets", "expected at least one URL")
+        where = [f"{path}.url"] if up.targets is None else [f"{path}.targets[{i}]" for i in range(len(up.targets))]
+        credentials: set[tuple[str | None, str | None]] = set()
+        seen_urls: dict[str, str] = {}
+        for at, raw in zip(where, up.urls, strict=True):
+            try:
+                url = URL(raw)
+            except ValueError:
+                url = None
+            if url is None or url.scheme not in ("http", "https") or not url.host:
+                raise fail(at, f"expected an http:// or https:// URL such as http://127.0.0.1:8000, "
+                           f"got {redact_url(raw)!r}")
+            if url.query_string or url.fragment:
+                raise fail(at, "a query string or fragment is not allowed in an upstream URL")
+            same = str(url.with_user(None))
+            if same in seen_urls:
+                raise fail(at, f"the same target twice (also {seen_urls[same]})")
+            seen_urls[same] = at
+            credentials.add((url.user, url.password))
+        if len(credentials) > 1:
+            raise fail(f"{path}.targets", "every target of an upstream must carry the same credentials (user:password "
+                       "in the URL): they are the upstream's, whichever target a request goes to")
+        if up.eject.for_ <= 0:
+            raise fail(f"{path}.eject.for", "expected a duration greater than 0")
         for key in ("connect_timeout", "timeout", "idle_timeout"):
             if getattr(up, key) <= 0:
                 raise fail(f"{path}.{key}", "expected a duration greater than 0")

@@ -74,6 +74,15 @@ REVOCATIONS = Counter(
     ["source"], registry=REGISTRY,
 )
 
+UPSTREAM_TARGET_UP = Gauge(
+    "failgate_upstream_target_up", "Each process's view of each upstream target: 1 in rotation, 0 ejected after "
+    "consecutive gateway failures", ["upstream", "target"], registry=REGISTRY, multiprocess_mode="liveall",
+)
+UPSTREAM_RETRIES = Counter(
+    "failgate_upstream_retries_total", "Idempotent requests sent again to another target after the first could not "
+    "be connected to or closed the connection before any response byte", ["upstream"], registry=REGISTRY,
+)
+
 BREAKER_STATE = Gauge(
     "failgate_breaker_state", "Each process's breaker of each dependency (`store`; later one per Cluster node, "
     "authorizer…): 0 closed, 1 half-open, 2 open", ["dependency"],

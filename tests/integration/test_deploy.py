@@ -40,12 +40,12 @@ def _leaves(t: typing.Any, parent: str) -> list[tuple[str, str]]:
     """(parent path, key) for every key of the schema."""
     out = []
     hints = typing.get_type_hints(t, include_extras=True)
-    for name in t.__struct_fields__:
+    for name, key in zip(t.__struct_fields__, t.__struct_encode_fields__, strict=True):  # (key: as YAML spells it)
         structs = [m for m in _members(hints[name]) if isinstance(m, type) and issubclass(m, msgspec.Struct)]
         if not structs:
-            out.append((parent, name))
+            out.append((parent, key))
         for member in structs:
-            out += _leaves(member, f"{parent}.{name}".strip("."))
+            out += _leaves(member, f"{parent}.{key}".strip("."))
     return out
 
 

@@ -328,9 +328,8 @@ async def test_metrics_count_requests_by_route_and_status(upstream: Upstream) ->
 
 
 def test_url_building_keeps_the_normalized_path_verbatim() -> None:
-    from proxy.config.schema import Upstream as UpstreamCfg
-    from proxy.forward import UpstreamClient
+    from proxy.targets import Settings, Target
 
-    client = UpstreamClient("api", UpstreamCfg(url="http://10.0.0.1:8000/base/"))
+    client = Target(Settings("api", "http://10.0.0.1:8000/base/", 1.0, True))
     assert client.url_for("/a%20b/~?q=%2F") == URL("http://10.0.0.1:8000/base/a%20b/~?q=%2F", encoded=True)
     assert str(client.url_for("/x")) == "http://10.0.0.1:8000/base/x"

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.config import load_text
-from tests.helpers import InProcessProxy, ProxyProcess, Upstream, config_text, free_port, raw_request
+from tests.helpers import InProcessProxy, ProxyProcess, Upstream, config_text, free_port, raw_request, until
 from tests.redis_server import RedisServer
 
 ALL = "- name: all\n  match: {path: /, prefix: true}\n  upstream: api\n"
@@ -251,32 +251,36 @@ async def test_counters_survive_a_reload_and_a_changed_limit_applies_next(upstre
 async def test_in_flight_requests_finish_and_changed_upstream_sessions_close(upstream: Upstream) -> None:
     port, admin_port = free_port(), free_port()
     async with InProcessProxy(config_text(upstream.url, ALL, port=port, admin_port=admin_port)) as p:
-        slow = asyncio.ensure_future(raw_request(p.port, "/sleep?s=0.5"))
-        await asyncio.sleep(0.2)
         old = p.serving.runtime
-        old_client = old.upstreams["api"]
-        assert old_client._session is not None
-        # the new config changes the upstream's settings (so a new session) and removes the route
+        slow = asyncio.ensure_future(raw_request(p.port, "/sleep?s=0.5"))
+        await until("the slow request is in flight", lambda: old.active == 1)
+        [old_target] = old.targets.values()
+        assert old_target._session is not None
+        # the new config changes the target's connection settings (so a new session) and removes the route
         new_text = config_text(upstream.url, "- name: other\n  match: {path: /other}\n  upstream: api\n",
-                               port=port, admin_port=admin_port, upstream_extra="timeout: 5s\n")
+                               port=port, admin_port=admin_port, upstream_extra="connect_timeout: 2s\n")
         await p.serving.reload(load_text(new_text, "test.yaml"))
         assert (await raw_request(p.port, "/sleep?s=0")).status == 404  # new requests: the new routes
         r = await slow
         assert (r.status, r.body) == (200, b"slept")  # the old request finished on its old config
-        await asyncio.sleep(0.1)
-        assert old.active == 0 and old_client._session is None  # the old pool is closed once drained
-        assert p.serving.runtime.upstreams["api"] is not old_client
+        await until("the old pool is closed once drained", lambda: old.active == 0 and old_target._session is None)
+        [new_target] = p.serving.runtime.targets.values()
+        assert new_target is not old_target
+        assert (await raw_request(p.port, "/other")).status == 200
 
 
 async def test_an_unchanged_upstream_keeps_its_pooled_session(upstream: Upstream) -> None:
     port, admin_port = free_port(), free_port()
     async with InProcessProxy(config_text(upstream.url, ALL, port=port, admin_port=admin_port)) as p:
         assert (await raw_request(p.port, "/a")).status == 200
-        client = p.serving.runtime.upstreams["api"]
+        old = p.serving.runtime
+        [target] = old.targets.values()
+        # `timeout` is read per request: changing it keeps the pooled session
         await p.serving.reload(load_text(config_text(upstream.url, ALL, port=port, admin_port=admin_port,
-                                                     extra="shutdown_grace: 3s\n"), "test.yaml"))
-        assert p.serving.runtime.upstreams["api"] is client
+                                                     extra="shutdown_grace: 3s\n", upstream_extra="timeout: 5s\n"),
+                                         "test.yaml"))
+        assert list(p.serving.runtime.targets.values()) == [target]
         assert (await raw_request(p.port, "/b")).status == 200
-        await asyncio.sleep(0.1)
-        assert client._session is not None and not client._session.closed
+        await until("the old config is retired", lambda: not p.serving._retiring)
+        assert target._session is not None and not target._session.closed
         assert len(set(upstream.peers)) == 1  # one pooled connection served both

@@ -101,7 +101,7 @@ CASES = [
      "f.yaml: limits.max_body: expected a size such as 1048576, 512KiB or 10MiB, got 'lots'"),
     (ROUTE + "watch: yes\n", "f.yaml: watch: expected bool, got 'yes'"),  # YAML 1.1's yes is not a boolean
     (ROUTE + "access_log: off\n", "f.yaml: access_log: expected bool, got 'off'"),
-    ("version: 1\nupstreams:\n  api: {url: 5}\nroutes: []\n", "f.yaml: upstreams.api.url: expected str, got 5"),
+    ("version: 1\nupstreams:\n  api: {url: 5}\nroutes: []\n", "f.yaml: upstreams.api.url: expected str | null, got 5"),
     ("version: 1\nupstreams:\n  api: {url: 'http://x', timeout: soon}\nroutes: []\n",
      "f.yaml: upstreams.api.timeout: expected a duration such as 250ms, 2s, 1m, 1h or 1d, got 'soon'"),
     ("version: 1\nupstreams: []\nroutes: []\n", "f.yaml: upstreams: expected a mapping, got a list"),
