@@ -92,6 +92,9 @@ def main() -> int:
     try:
         up = _port()
         spawn([py, "-m", "benchmarks.upstream", str(up)], up)
+        three = [_port() for _ in range(3)]  # a three-target upstream, to weigh balancing against one target
+        for p in three:
+            spawn([py, "-m", "benchmarks.upstream", str(p)], p)
         rport = _port()
         spawn([shutil.which("redis-server") or "redis-server", "--port", str(rport), "--save", "", "--appendonly",
                "no", "--dir", str(work)], rport)
@@ -115,7 +118,8 @@ def main() -> int:
         fg_port, fg_admin = _port(), _port()
         cfg = work / "failgate.yaml"
         tokens = _jwt_tokens(work / "jwks.json", 1000)
-        _failgate_config(cfg, fg_port, fg_admin, up, f"redis://127.0.0.1:{rport}/0", jwks_file=work / "jwks.json")
+        _failgate_config(cfg, fg_port, fg_admin, up, f"redis://127.0.0.1:{rport}/0", jwks_file=work / "jwks.json",
+                         three=three)
         # callgrind is slow (~50x): no spurious timeouts of the store or the authorizer
         text = cfg.read_text().replace("timeout: 50ms", "timeout: 5s").replace("timeout: 100ms", "timeout: 5s")
         cfg.write_text(text)
@@ -123,7 +127,8 @@ def main() -> int:
         fg = spawn(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out3}",
                     py, "-m", "proxy", "run", "-c", str(cfg)], fg_port)
         base = f"http://127.0.0.1:{fg_port}"
-        scenarios = (("failgate passthrough", "/pass", []), ("failgate rate_limit sliding", "/rl/sliding", []),
+        scenarios = (("failgate passthrough", "/pass", []), ("failgate passthrough, 3 targets", "/pass3", []),
+                     ("failgate rate_limit sliding", "/rl/sliding", []),
                      ("failgate two limits, one key", "/rl/two", []),
                      ("failgate auth", "/auth", bearer), ("failgate auth + rate_limit", "/auth-rl", bearer),
                      ("failgate auth from cache_for", "/auth-cached", bearer),

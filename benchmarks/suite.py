@@ -126,7 +126,8 @@ class Bench:
 
 
 def _failgate_config(path: Path, port: int, admin: int, upstream: int, store_url: str,
-                     jwks_file: Path | None = None) -> None:
+                     jwks_file: Path | None = None, three: list[int] | None = None) -> None:
+    """`three`: the ports of three upstream servers, for a route whose upstream balances over them."""
     rl = "on_store_error: open"
     jwt_route = f"""  - name: jwt
     match: {{path: /jwt, prefix: true}}
@@ -138,9 +139,12 @@ on_store_error: closed}}
 listen: {{host: 127.0.0.1, port: {port}}}
 admin: {{host: 127.0.0.1, port: {admin}}}
 store: {{url: "{store_url}", timeout: {STORE_TIMEOUT_MS}ms}}
-upstreams: {{api: {{url: "http://127.0.0.1:{upstream}"}}}}
+upstreams:
+  api: {{url: "http://127.0.0.1:{upstream}"}}
+  three: {{targets: [{", ".join(f'"http://127.0.0.1:{p}"' for p in three or [upstream])}]}}
 routes:
   - {{name: pass, match: {{path: /pass, prefix: true}}, upstream: api}}
+  - {{name: pass3, match: {{path: /pass3, prefix: true}}, upstream: three}}
   - name: rl-fixed
     match: {{path: /rl/fixed, prefix: true}}
     upstream: api

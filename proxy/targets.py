@@ -146,13 +146,15 @@ class Balancer:
         targets = self.targets
         n = len(targets)
         start = self._next
-        self._next = start + 1 if start + 1 < n else 0
         if not self.least_request:
             for i in range(n):
-                t = targets[(start + i) % n]
+                at = (start + i) % n
+                t = targets[at]
                 if not t.out and t is not exclude:
+                    self._next = at + 1 if at + 1 < n else 0  # the turn after the one taken: skipped ones add none
                     return t
             return None
+        self._next = start + 1 if start + 1 < n else 0
         best: Target | None = None
         for i in range(n):
             t = targets[(start + i) % n]

@@ -102,7 +102,7 @@ def validate(loaded: LoadedConfig) -> None:
                            f"got {redact_url(raw)!r}")
             if url.query_string or url.fragment:
                 raise fail(at, "a query string or fragment is not allowed in an upstream URL")
-            same = str(url.with_user(None))
+            same = f"{url.scheme}://{url.host}:{url.port}{url.path.rstrip('/')}"  # the same target however spelled
             if same in seen_urls:
                 raise fail(at, f"the same target twice (also {seen_urls[same]})")
             seen_urls[same] = at

@@ -30,6 +30,20 @@ def test_check_accepts_the_example_config_and_explains_it() -> None:
     assert "auth: api_key in X-Api-Key scopes admin; on_store_error closed (inherited from defaults), status 503" in out
 
 
+def test_check_lists_an_upstream_s_targets_without_their_password(tmp_path: Path) -> None:
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("version: 1\nupstreams:\n  api:\n    targets: ['http://u:secret@10.0.0.1:81', "
+                   "'http://u:secret@10.0.0.2:81']\n    balance: least_request\n"
+                   "routes:\n  - {name: all, match: {path: /, prefix: true}, upstream: api}\n")
+    r = failgate("check", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "-> api (2 targets)" in r.stdout
+    assert ("  api: 2 targets, least_request; a target out for 10s after 5 gateway failures in a row (at most 1 out "
+            "at once); idempotent requests retried once on another") in r.stdout
+    assert "    - http://u:***@10.0.0.1:81\n    - http://u:***@10.0.0.2:81" in r.stdout
+    assert "secret" not in r.stdout
+
+
 def test_check_warns_about_shadowed_routes_and_auth_that_fails_open(tmp_path: Path) -> None:
     cfg = tmp_path / "f.yaml"
     cfg.write_text("""\

@@ -105,6 +105,24 @@ CASES = [
     ("version: 1\nupstreams:\n  api: {url: 'http://x', timeout: soon}\nroutes: []\n",
      "f.yaml: upstreams.api.timeout: expected a duration such as 250ms, 2s, 1m, 1h or 1d, got 'soon'"),
     ("version: 1\nupstreams: []\nroutes: []\n", "f.yaml: upstreams: expected a mapping, got a list"),
+    # --- several targets ---
+    ("version: 1\nupstreams:\n  api: {timeout: 1s}\nroutes: []\n",
+     "f.yaml: upstreams.api: expected either `url` (one target) or `targets` (a list of URLs), not neither"),
+    ("version: 1\nupstreams:\n  api: {url: 'http://a', targets: ['http://b']}\nroutes: []\n",
+     "f.yaml: upstreams.api: expected either `url` (one target) or `targets` (a list of URLs), not both"),
+    ("version: 1\nupstreams:\n  api: {targets: []}\nroutes: []\n",
+     "f.yaml: upstreams.api.targets: expected at least one URL"),
+    ("version: 1\nupstreams:\n  api: {targets: ['http://a:80', 'ftp://b']}\nroutes: []\n",
+     "f.yaml: upstreams.api.targets[1]: expected an http:// or https:// URL such as http://127.0.0.1:8000, got 'ftp://b'"),
+    ("version: 1\nupstreams:\n  api: {targets: ['http://a:80/v1', 'http://A/v1/']}\nroutes: []\n",
+     "f.yaml: upstreams.api.targets[1]: the same target twice (also upstreams.api.targets[0])"),
+    ("version: 1\nupstreams:\n  api: {targets: ['http://u:p@a', 'http://b']}\nroutes: []\n",
+     "f.yaml: upstreams.api.targets: every target of an upstream must carry the same credentials (user:password in "
+     "the URL): they are the upstream's, whichever target a request goes to"),
+    ("version: 1\nupstreams:\n  api: {targets: ['http://a'], balance: random}\nroutes: []\n",
+     "f.yaml: upstreams.api.balance: expected one of: round_robin, least_request; got 'random'"),
+    ("version: 1\nupstreams:\n  api: {targets: ['http://a'], eject: {for: 0s}}\nroutes: []\n",
+     "f.yaml: upstreams.api.eject.for: expected a duration greater than 0"),
     (ROUTE + "    bogus: true\n",
      "f.yaml: routes[0]: unknown key `bogus`; expected one of: name, match, upstream, strip_prefix, auth, "
      "rate_limit"),
@@ -269,10 +287,12 @@ def test_passwords_in_urls_are_redacted_wherever_they_are_shown() -> None:
 
     text = """version: 1
 store: {url: "redis://:userinfo-secret@127.0.0.1:6379/0?password=query-secret&db=0"}
-upstreams: {api: {url: "http://user:upstream-secret@127.0.0.1:9"}}
+upstreams:
+  api: {url: "http://user:upstream-secret@127.0.0.1:9"}
+  many: {targets: ["http://user:target-secret@127.0.0.1:10", "http://user:target-secret@127.0.0.1:11"]}
 routes: [{name: r, match: {path: /}, upstream: api}]
 """
     doc = str(redacted(load_text(text, "t.yaml")))
-    for secret in ("userinfo-secret", "query-secret", "upstream-secret"):
+    for secret in ("userinfo-secret", "query-secret", "upstream-secret", "target-secret"):
         assert secret not in doc
     assert "password=***" in doc and ":***@127.0.0.1:6379" in doc
