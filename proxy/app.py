@@ -13,9 +13,11 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .compiled import Route, Runtime
 from .decision import Decision, Identity, Verdict
@@ -26,6 +28,7 @@ from .observe.metrics import RouteMetrics
 from .pipeline import run_checks
 from .responses import error_response
 from .routing import Authority, BadTarget, Target, authority_of, parse_target
+from .websocket import Tunnels, is_websocket, take_query_param, tunnel
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
 _NO_ROUTE = RouteMetrics("")
@@ -80,6 +83,8 @@ class Facts:
     route: Route | None = None
     client: str = ""
     decision: Decision | None = None
+    websocket: bool = False  # an `Upgrade: websocket` handshake
+    released: bool = False  # no longer counted as in flight on its config (a tunnel, once established)
 
 
 class Proxy:
@@ -92,6 +97,7 @@ class Proxy:
         self._port = 443 if tls else 80  # the default port, dropped from the request's host
         self._malformed = MalformedLog()
         self.draining = False  # set at shutdown: every response then closes its connection
+        self.tunnels = Tunnels()  # open WebSocket tunnels, and their client session
 
     def refuse(self, status: int, detail: str, route: str | None = None) -> web.Response:
         """Failgate's answer to a request it will not serve before routing (unparsable, too large, wrong
@@ -121,13 +127,19 @@ class Proxy:
                 route, target, authority = routed
                 tag = identity = denied = None
                 reply: list[tuple[str, str]] = []
+                check_headers = request.headers
+                if facts.websocket and route.query_param is not None:
+                    moved = self._credential_from_query(request, route, target, rid)
+                    if isinstance(moved, web.StreamResponse):
+                        return self._done(request, rt, facts, moved)
+                    check_headers, target = moved
                 if route.checked:
                     facts.client = rt.client_address(request.remote, request.headers.getall("X-Forwarded-For", []))
                     facts_for_authorizer: tuple[str, str, str | None, str] = ("GET", "/", None, rid)
                     if route.auth is not None and route.auth.remote:
                         uri = f"{target.path}?{target.query}" if target.query else target.path
                         facts_for_authorizer = (request.method, uri, authority.value if authority else None, rid)
-                    decision = facts.decision = await run_checks(rt, route, request.headers, facts.client,
+                    decision = facts.decision = await run_checks(rt, route, check_headers, facts.client,
                                                                  facts_for_authorizer)
                     identity = decision.identity
                     tag, denied = self._decided(decision, reply, rt, route, rid)
@@ -139,6 +151,13 @@ class Proxy:
                         for v in facts.decision.verdicts:  # an authorizer's headers for the upstream
                             for name, value in v.upstream:
                                 out.headers[name] = value
+                    if facts.websocket:
+                        if check_headers is not request.headers and not route.drop_credentials:
+                            # a credential from the query string goes upstream as the header auth read it from
+                            out.headers[route.auth.header] = check_headers[route.auth.header]  # type: ignore[union-attr]
+                        resp = await tunnel(request, route.upstream, out, route.name, self.tunnels,
+                                            route.websocket_max_duration, lambda: self._release(rt, facts))
+                        return self._done(request, rt, facts, resp)
                     if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
                         # The size and the checks passed: now the client may send its body (never to HTTP/1.0).
                         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -157,11 +176,44 @@ class Proxy:
             self._finish(request, rt, facts, 499)
             return gone.response
         finally:
-            rt.finished()
+            if not facts.released:
+                rt.finished()
+        return self._done(request, rt, facts, resp)
+
+    def _done(self, request: web.BaseRequest, rt: Runtime, facts: Facts,
+              resp: web.StreamResponse) -> web.StreamResponse:
         if self.draining:
             resp.force_close()  # Connection: close — the client must not send another request on this connection
         self._finish(request, rt, facts, resp.status)
         return resp
+
+    @staticmethod
+    def _release(rt: Runtime, facts: Facts) -> None:
+        """A tunnel is established: it no longer holds its config's drain (a reload retires that config once its
+        HTTP requests are done; the tunnel goes on)."""
+        if not facts.released:
+            facts.released = True
+            rt.finished()
+
+    def _credential_from_query(self, request: web.BaseRequest, route: Route, target: Target,
+                               rid: str) -> web.StreamResponse | tuple[Any, Target]:
+        """A WebSocket handshake's credential in the query parameter `auth.query_param` (browsers cannot set
+        headers on one): moved into the header auth reads, and removed from the target sent upstream (and so
+        from every log)."""
+        auth = route.auth
+        assert auth is not None and route.query_param is not None
+        values, query = take_query_param(target.query, route.query_param)
+        target = Target(target.path, query, target.authority, target.port)
+        if not values:
+            return request.headers, target
+        if len(values) > 1 or auth.cfg.header in request.headers:
+            return error_response(400, f"more than one credential (the {route.query_param} parameter, or it and the "
+                                  f"{auth.cfg.header} header)", route=route.name, request_id=rid,
+                                  request_id_header=self.runtime.request_id_header)
+        headers = CIMultiDict(request.headers)
+        scheme = auth.cfg.scheme
+        headers[auth.cfg.header] = f"{scheme} {values[0]}" if scheme else values[0]
+        return CIMultiDictProxy(headers), target
 
     def _finish(self, request: web.BaseRequest, rt: Runtime, facts: Facts, status: int) -> None:
         """Count the request; a decision-log line per deny, shadow deny and degraded verdict; the access log."""
@@ -236,10 +288,13 @@ class Proxy:
             return error_response(400, f"more than one {route.auth.header} header", route=route.name,
                                   request_id=rid, request_id_header=rid_header)
         if "Upgrade" in headers:
-            resp = error_response(501, "protocol upgrades (WebSocket) are not supported yet", route=route.name,
-                                  request_id=rid, request_id_header=rid_header)
-            resp.force_close()
-            return resp
+            if method == "GET" and version is HttpVersion11 and is_websocket(headers):
+                facts.websocket = True
+            else:
+                resp = error_response(501, "protocol upgrades other than WebSocket (GET, HTTP/1.1) are not "
+                                      "supported", route=route.name, request_id=rid, request_id_header=rid_header)
+                resp.force_close()
+                return resp
         return route, target, authority
 
     def _refused(self, status: int, detail: str, rid: str, *, close: bool = True) -> web.Response:

@@ -63,6 +63,8 @@ class Route:
     auth: AuthCheck | JwtCheck | HttpAuthCheck | None
     limits: tuple[LimitGroup, ...]  # the route's rate limits, grouped by the key they count by
     drop_credentials: str | None  # the credential header, when forward_credentials is false
+    query_param: str | None = None  # a WebSocket handshake's credential may be this query parameter
+    websocket_max_duration: float | None = None  # seconds a tunnel may stay open
 
     @property
     def checked(self) -> bool:
@@ -147,8 +149,12 @@ class Runtime:
             elif r.auth is not None:
                 auth = AuthCheck(r.name, r.auth, key_prefix=prefix, retry_after=retry_after)
             drop = r.auth.header.lower() if r.auth is not None and not r.auth.forward_credentials else None
-            route = Route(r.name, self.upstreams[r.upstream], prefix_chars, cfg.upstreams[r.upstream].preserve_host,
-                          RouteMetrics(r.name), auth, groups, drop)
+            up = cfg.upstreams[r.upstream]
+            # A credential is checked at the handshake only: on a route with auth, a tunnel lasts 1 h unless told.
+            max_duration = up.websocket_max_duration if up.websocket_max_duration is not None else \
+                3600.0 if r.auth is not None else None
+            route = Route(r.name, self.upstreams[r.upstream], prefix_chars, up.preserve_host, RouteMetrics(r.name),
+                          auth, groups, drop, r.auth.query_param if r.auth is not None else None, max_duration)
             entries.append((m, route))
         self.router: Router = Router(entries)
         self.trusted = [ipaddress.ip_network(c, strict=False) for c in cfg.trusted_proxies]

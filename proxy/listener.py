@@ -19,6 +19,7 @@ request and no timer churn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -34,8 +35,8 @@ Refuse = Callable[[int, str], web.StreamResponse]
 
 
 class _Connection(RequestHandler):
-    __slots__ = ("_fg_busy_data", "_fg_deadline", "_fg_handle", "_fg_in_request", "_fg_rejected", "_fg_request",
-                 "_fg_tail")
+    __slots__ = ("_fg_busy_data", "_fg_deadline", "_fg_done", "_fg_handle", "_fg_in_request", "_fg_rejected",
+                 "_fg_request", "_fg_tail")
 
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -46,6 +47,7 @@ class _Connection(RequestHandler):
         self._fg_request: web.BaseRequest | None = None
         self._fg_busy_data = False  # bytes arrived after the request in flight was fully read
         self._fg_tail = False  # the last chunk read between requests went on past the end of a request head
+        self._fg_done: asyncio.Future[None] | None = None  # at shutdown: the response in flight is done
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._fg_manager
@@ -72,7 +74,7 @@ class _Connection(RequestHandler):
             request = self._fg_request
             # Data while a request is served is its body — unless that body is complete: then it is the start of
             # a pipelined request, whose headers are on the clock from when this response is done.
-            if request is not None and request.content.is_eof():
+            if request is not None and request.content.is_eof() and not self._upgraded:  # (a tunnel's messages)
                 self._fg_busy_data = True
         else:
             if self._fg_deadline is None:
@@ -117,9 +119,31 @@ class _Connection(RequestHandler):
         finally:
             self._fg_in_request = False
             self._fg_request = None
-            if self._fg_busy_data:
+            if self._fg_done is not None and not self._fg_done.done():
+                self._fg_done.set_result(None)
+            if self._fg_busy_data and self._manager is not None:
                 self._fg_busy_data = False
                 self._fg_start_header_clock()
+
+    # At shutdown aiohttp first marks every connection closing, then gives handlers `shutdown_grace` — but a
+    # connection marked closing drops every byte that arrives after: the rest of a request body being uploaded,
+    # the messages of a WebSocket tunnel. So a connection busy with a request is left alone until its response
+    # is done (a draining proxy's responses say Connection: close) or the grace is over; then aiohttp's own
+    # shutdown runs with what is left of the grace.
+    def close(self) -> None:
+        if self._fg_in_request:
+            return
+        super().close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        if self._fg_in_request and timeout:
+            deadline = self._loop.time() + timeout
+            self._fg_done = self._loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._fg_done
+            timeout = max(0.0, deadline - self._loop.time())
+        await super().shutdown(timeout)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

@@ -296,8 +296,17 @@ class Serving:
             await self.feed.stop()
         if self.supply is not None:
             await self.supply.stop()
+        closing = None
+        if self.proxy is not None:
+            # Open WebSocket tunnels get shutdown_grace like requests in flight, then a 1001 close both ways.
+            closing = asyncio.get_running_loop().call_later(self.loaded.config.shutdown_grace,
+                                                            self.proxy.tunnels.close_all)
         if self._runner is not None:
             await self._runner.cleanup()
+        if closing is not None:
+            closing.cancel()
+        if self.proxy is not None:
+            await self.proxy.tunnels.close()
         for task in list(self._retiring):
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -138,6 +138,9 @@ class Upstream(_Strict, kw_only=True, frozen=True):
     idle_timeout: Duration = Duration(60.0)
     preserve_host: bool = False
     tls_verify: bool = True
+    websocket_max_message: ByteSize = ByteSize(4 << 20)  # a bigger message closes the tunnel with 1009
+    websocket_idle_timeout: Duration = Duration(600.0)  # no message either way this long: closed with 1001
+    websocket_max_duration: Duration | None = None  # default: 1h on routes with auth, none otherwise
 
     @property
     def urls(self) -> list[str]:
@@ -164,6 +167,7 @@ class AuthDefaults(_Strict, kw_only=True, frozen=True):
     status_on_error: Status | None = None
     stale_for: Duration | None = None
     stale_fallback: Literal["open", "closed"] | None = None
+    query_param: str | None = None
     # jwt only (merged only into jwt routes)
     jwks_url: str | None = None
     jwks_file: str | None = None
@@ -195,7 +199,7 @@ JWT_ONLY = frozenset({"jwks_url", "jwks_file", "secret", "issuer", "audiences", 
 HTTP_ONLY = frozenset({"url", "forward_headers", "upstream_headers", "principal_header", "plan_header", "timeout",
                        "cache_key", "breaker"})
 TYPES_OF = {**dict.fromkeys(JWT_ONLY, frozenset({"jwt"})), **dict.fromkeys(HTTP_ONLY, frozenset({"http"})),
-            "cache_for": frozenset({"api_key", "http"})}
+            "cache_for": frozenset({"api_key", "http"}), "query_param": frozenset({"api_key", "jwt"})}
 
 
 def used_by(auth_type: object, key: str) -> bool:
@@ -214,6 +218,7 @@ class Auth(_Strict, kw_only=True, frozen=True):
     status_on_error: Status = 503
     stale_for: Duration = Duration(300.0)
     stale_fallback: Literal["open", "closed"] | None = None
+    query_param: str | None = None  # api_key, jwt: on a WebSocket handshake, the credential may be this parameter
     # --- jwt ---
     jwks_url: str | None = None  # the identity provider's key set, fetched in the background
     jwks_file: str | None = None  # or a key set on disk (no dependency then)

@@ -112,9 +112,14 @@ def validate(loaded: LoadedConfig) -> None:
                        "in the URL): they are the upstream's, whichever target a request goes to")
         if up.eject.for_ <= 0:
             raise fail(f"{path}.eject.for", "expected a duration greater than 0")
-        for key in ("connect_timeout", "timeout", "idle_timeout"):
+        for key in ("connect_timeout", "timeout", "idle_timeout", "websocket_idle_timeout"):
             if getattr(up, key) <= 0:
                 raise fail(f"{path}.{key}", "expected a duration greater than 0")
+        if up.websocket_max_duration is not None and up.websocket_max_duration <= 0:
+            raise fail(f"{path}.websocket_max_duration", "expected a duration greater than 0")
+        if not 125 <= up.websocket_max_message <= 1 << 30:
+            raise fail(f"{path}.websocket_max_message", f"expected a size from 125 bytes to 1GiB, got "
+                       f"{int(up.websocket_max_message)}")
 
     # --- routes ----------------------------------------------------------------------------------------------
     if not cfg.routes:
@@ -203,6 +208,9 @@ def _validate_auth(route, rp, fail) -> None:  # type: ignore[no-untyped-def]
     for key, types in sorted(TYPES_OF.items()):
         if a.type not in types and getattr(a, key) != getattr(plain, key):
             raise fail(f"{p}.{key}", f"only applies to type: {' or '.join(sorted(types))}")
+    if a.query_param is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{1,64}", a.query_param):
+        raise fail(f"{p}.query_param", f"expected a query parameter name (letters, digits, '.', '_', '~', '-'), "
+                   f"got {a.query_param!r}")
     if a.type == "jwt":
         _validate_jwt(a, p, fail)
     elif a.type == "http":

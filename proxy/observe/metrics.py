@@ -78,6 +78,14 @@ UPSTREAM_TARGET_UP = Gauge(
     "failgate_upstream_target_up", "Each process's view of each upstream target: 1 in rotation, 0 ejected after "
     "consecutive gateway failures", ["upstream", "target"], registry=REGISTRY, multiprocess_mode="liveall",
 )
+WEBSOCKET_CONNECTIONS = Gauge(
+    "failgate_websocket_connections", "WebSocket tunnels open", ["route"], registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+WEBSOCKET_MESSAGES = Counter(
+    "failgate_websocket_messages_total", "WebSocket messages relayed (text, binary, ping and pong), by direction: "
+    "to_upstream or to_client", ["route", "direction"], registry=REGISTRY,
+)
 UPSTREAM_RETRIES = Counter(
     "failgate_upstream_retries_total", "Idempotent requests sent again to another target after the first could not "
     "be connected to or closed the connection before any response byte", ["upstream"], registry=REGISTRY,

@@ -179,8 +179,11 @@ async def test_status_codes_failgate_makes_itself(upstream: Upstream) -> None:
         assert (r.status, r.json()["error"], r.headers["allow"]) == (405, "method_not_allowed", "GET, POST")
         r = await raw_request(p.port, "127.0.0.1:443", method="CONNECT")
         assert (r.status, r.json()["error"]) == (405, "method_not_allowed")
-        r = await raw_request(p.port, "/public/ws", headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+        r = await raw_request(p.port, "/public/x", headers={"Connection": "Upgrade", "Upgrade": "h2c"})
         assert (r.status, r.json()["error"], r.json()["route"]) == (501, "not_implemented", "public")
+        # a WebSocket handshake without its key and version: refused before the upstream is asked
+        r = await raw_request(p.port, "/public/ws", headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+        assert (r.status, r.json()["error"], r.json()["route"]) == (400, "bad_request", "public")
     assert upstream.seen == []
 
 
