@@ -6,10 +6,11 @@ import asyncio
 import hashlib
 import signal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
-from tests.helpers import ProxyProcess, Upstream, config_text
+from tests.helpers import ProxyProcess, Upstream, config_text, until
 
 ALL = "- name: all\n  match: {path: /, prefix: true}\n  upstream: api\n"
 MiB = 1 << 20
@@ -107,6 +108,45 @@ async def test_admin_endpoints(upstream: Upstream, tmp_path: Path, monkeypatch) 
                 assert "failgate_requests_total" not in await r.text()
     finally:
         assert p.stop() == 0
+
+
+async def test_an_upload_in_progress_at_sigterm_is_finished_within_the_grace(upstream: Upstream,
+                                                                              tmp_path: Path) -> None:
+    """aiohttp marks connections closing at shutdown and then drops every byte they receive: an upload that was
+    half sent would have stalled until the grace ran out. Its connection now keeps reading until it is done."""
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(config_text(upstream.url, ALL, extra="shutdown_grace: 10s\n"))
+    p = ProxyProcess(cfg).start()
+    try:
+        await p.wait_ready()
+        first_sent = asyncio.Event()
+        chunks = [bytes([65 + i]) * 65536 for i in range(8)]
+
+        async def body() -> Any:
+            for i, chunk in enumerate(chunks):
+                yield chunk
+                if i == 0:
+                    first_sent.set()
+                    await until("the proxy is draining", lambda: _draining(p))
+        async with aiohttp.ClientSession() as s:
+            upload = asyncio.create_task(s.post(p.url + "/upload", data=body()))
+            await first_sent.wait()
+            assert p.proc is not None
+            p.proc.send_signal(signal.SIGTERM)
+            async with await upload as r:
+                assert r.status == 200
+                assert (await r.json())["bytes"] == 8 * 65536
+        assert p.proc.wait(15) == 0
+    finally:
+        p.stop()
+
+
+async def _draining(p: ProxyProcess) -> bool:
+    try:
+        async with aiohttp.ClientSession() as s, s.get(p.admin + "/readyz") as r:
+            return bool((await r.json())["draining"])
+    except aiohttp.ClientError:
+        return False
 
 
 async def test_sigterm_under_load_finishes_every_request_in_flight(upstream: Upstream, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from tests.redis_server import RedisServer
 
 class WsUpstream:
     """A WebSocket server that records each handshake: /echo echoes; /close?code=N closes with N after the first
-    message; /proto takes subprotocol v2 only; /refuse answers 403; /flood?n=N&size=S sends N messages as fast as the
+    message; /proto takes subprotocol v2 only; /refuse answers 403; /vanish drops the connection at the first message; /flood?n=N&size=S sends N messages as fast as the
     connection takes them (counting what it sent)."""
 
     def __init__(self) -> None:
@@ -70,6 +70,10 @@ class WsUpstream:
             return ws
         close_code = int(request.query["code"]) if request.path.endswith("/close") else None
         async for msg in ws:
+            if request.path.endswith("/vanish"):  # the upstream process dies: no close frame, the connection gone
+                assert request.transport is not None
+                request.transport.abort()
+                break
             if msg.type is WSMsgType.TEXT:
                 await ws.send_str(msg.data)
             elif msg.type is WSMsgType.BINARY:
@@ -201,6 +205,15 @@ async def test_close_codes_pass_through_from_either_side(ws_upstream: WsUpstream
             assert await ws.receive_str() == "x"
             msg = await ws.receive()
             assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 4002, "upstream says bye")
+
+
+async def test_a_lost_upstream_connection_closes_the_client_with_1014(
+        ws_upstream: WsUpstream, redis_server: RedisServer) -> None:
+    async with proxy(ws_upstream, redis_server) as (p, _), aiohttp.ClientSession() as s, \
+            s.ws_connect(p.url + "/open/vanish") as ws:
+        await ws.send_str("x")
+        msg = await ws.receive(timeout=10)
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1014)
 
 
 async def test_a_message_over_the_limit_closes_with_1009(ws_upstream: WsUpstream, redis_server: RedisServer) -> None:
