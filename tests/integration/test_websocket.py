@@ -26,8 +26,8 @@ from tests.redis_server import RedisServer
 
 class WsUpstream:
     """A WebSocket server that records each handshake: /echo echoes; /close?code=N closes with N after the first
-    message; /proto takes subprotocol v2 only; /refuse answers 403; /vanish drops the connection at the first message; /flood?n=N&size=S sends N messages as fast as the
-    connection takes them (counting what it sent)."""
+    message; /proto takes subprotocol v2 only; /refuse answers 403; /vanish drops the connection at the first
+    message; /flood?n=N&size=S sends N messages as fast as the connection takes them (counting what it sent)."""
 
     def __init__(self) -> None:
         self.port = 0
