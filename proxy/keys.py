@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import sys
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from .config.schema import parse_duration
 from .config.values import redact_url
 from .keyspace import digest_in, digest_of, epoch_key, record_key, record_pattern
 from .revocations import revoke_commands
+from .store.sentinel import is_sentinel, sync_master
 
 _encode = msgspec.json.Encoder().encode
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -39,8 +41,20 @@ def _client(loaded: LoadedConfig) -> redis.Redis:
         raise KeysError(f"{loaded.source}: store.url is memory://, which lives inside the running proxy process; "
                         "`failgate keys` cannot reach it. Use a redis:// store, or `failgate demo`, which seeds "
                         "a demo key at start and prints it.")
+    if is_sentinel(url):
+        return sync_master(url, 2.0, retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
     return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0,
                                 retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+
+
+def _replicated(loaded: LoadedConfig, client: redis.Redis) -> None:
+    """With Sentinel, a write the master acknowledged is lost if the master dies before a replica has it: wait
+    (up to 2 s) until one replica does, and say so when none did."""
+    if not is_sentinel(loaded.config.store.url):
+        return
+    if int(client.execute_command("WAIT", 1, 2000)) < 1:
+        print("failgate keys: written to the master, but no replica confirmed it within 2s; a failover now could "
+              "lose it (run the command again once the replicas are back)", file=sys.stderr)
 
 
 def _run(loaded: LoadedConfig, fn: Any) -> Any:
@@ -75,6 +89,7 @@ def add(loaded: LoadedConfig, principal: str, scopes: list[str], expires: str | 
         pipe.set(epoch_key(prefix), str(int(time.time())), nx=True)
         pipe.set(record_key(prefix, digest), _encode(record))
         pipe.execute()
+        _replicated(loaded, client)
 
     _run(loaded, write)
     return key, digest
@@ -93,6 +108,7 @@ def revoke(loaded: LoadedConfig, key_or_hash: str) -> str:
         pipe = client.pipeline(transaction=True)
         revoke_commands(pipe, prefix, digest, time.time())
         pipe.execute()
+        _replicated(loaded, client)
         return digest
 
     return str(_run(loaded, write))

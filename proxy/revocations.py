@@ -29,6 +29,7 @@ from .keyspace import record_key
 from .keyspace import revoked_key as log_key
 from .observe.metrics import REVOCATIONS
 from .statefiles import StateDir
+from .store.sentinel import async_master, is_sentinel
 
 log = logging.getLogger("failgate.revocations")
 
@@ -47,6 +48,10 @@ def revoke_commands(pipe: Any, prefix: str, digest: str, now: float) -> None:
 
 
 def redis_client(url: str, connect_timeout: float, timeout: float | None) -> aioredis.Redis:
+    """A redis-py client of the store (of its master, through the sentinels, for Sentinel: after a failover the
+    feed's reconnection finds the new master and subscribes there)."""
+    if is_sentinel(url):
+        return async_master(url, connect_timeout, timeout, health_check_interval=5)
     return aioredis.Redis.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=timeout,
                                    health_check_interval=5)
 

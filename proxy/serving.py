@@ -228,6 +228,7 @@ class Serving:
         fault = self.chaos.active() if self.chaos is not None else None
         return {
             "store": self.loaded.config.store.url.split("://", 1)[0],
+            **(self.store.describe() if hasattr(self.store, "describe") else {}),
             "breaker": NAMES[self.breaker.state] if self.breaker is not None else "closed",
             "chaos": fault.kind if fault is not None else None,
             "revocations": self.feed.state if self.feed is not None else None,

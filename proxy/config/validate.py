@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from yarl import URL
 
 from ..routing import BadTarget, normalize_path
+from ..store.sentinel import SCHEMES as SENTINEL_SCHEMES
+from ..store.sentinel import parse as parse_sentinel
 from .errors import ConfigError
 from .schema import TYPES_OF, Auth, format_duration
 from .values import is_loopback, redact_url, resolve_workers
@@ -49,9 +51,14 @@ def validate(loaded: LoadedConfig) -> None:
     # --- store and workers -----------------------------------------------------------------------------------
     store_url = cfg.store.url
     scheme = store_url.split("://", 1)[0] if "://" in store_url else ""
-    if scheme not in ("memory", "redis", "rediss", "unix"):
-        raise fail("store.url", f"expected memory://, redis://host:port/db, rediss://… or unix:///path, "
-                   f"got {redact_url(store_url)!r}")
+    if scheme not in ("memory", "redis", "rediss", "unix", *SENTINEL_SCHEMES):
+        raise fail("store.url", f"expected memory://, redis://host:port/db, rediss://…, unix:///path or "
+                   f"redis+sentinel://host:26379,…/<master-name>/<db>, got {redact_url(store_url)!r}")
+    if scheme in SENTINEL_SCHEMES:
+        try:
+            parse_sentinel(store_url)
+        except ValueError as exc:
+            raise fail("store.url", f"{exc} (in {redact_url(store_url)!r})") from None
     workers = resolve_workers(cfg.workers)
     if scheme == "memory" and workers > 1:
         raise fail("workers", f"memory:// keeps state inside one process and needs workers: 1 (got "

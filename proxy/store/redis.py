@@ -1,4 +1,5 @@
-"""`redis://`, `rediss://`, `unix://`: operations become Lua EVALSHA / GET commands on the pipelined client.
+"""`redis://`, `rediss://`, `unix://`, `redis+sentinel://`: operations become Lua EVALSHA / GET commands on the
+pipelined client (Sentinel: sentinel.py says where the master is).
 
 URL parsing and TLS settings come from redis-py (`parse_url`), the wire work from our own pipelined client
 (`resp.py`): redis-py has no auto-pipelining, and its per-call overhead is what BASELINES.md measured.
@@ -21,6 +22,8 @@ from ..observe.metrics import store_error
 from .errors import StoreUnavailable
 from .ops import GetOp, LimitsOp, Op, RateOp, RateResult
 from .resp import Endpoint, PipelinedClient
+from .sentinel import Locator, SwitchWatch, is_sentinel
+from .sentinel import parse as parse_sentinel
 
 
 class Script:
@@ -81,9 +84,28 @@ def _pack_limits(limits: tuple[RateOp, ...], parts: tuple[bytes, bytes]) -> byte
 
 class RedisStore:
     def __init__(self, url: str, *, timeout: float, connect_timeout: float, pool_size: int) -> None:
-        self.client = PipelinedClient(endpoint_from_url(url), timeout=timeout, connect_timeout=connect_timeout,
-                                      pool_size=pool_size)
+        self.locator: Locator | None = None
+        self._watch: SwitchWatch | None = None
+        if is_sentinel(url):  # the master is wherever the sentinels say, followed through failovers
+            spec = parse_sentinel(url)
+            self.locator = Locator(spec, connect_timeout)
+            self.client = PipelinedClient(
+                Endpoint(username=spec.username, password=spec.password, db=spec.db,
+                         ssl=ssl.create_default_context() if spec.tls else None),
+                timeout=timeout, connect_timeout=connect_timeout, pool_size=pool_size, locate=self.locator.master)
+            self._watch = SwitchWatch(spec, connect_timeout, lambda: self.client.rediscover("the master moved"))
+            self._watch.start()
+        else:
+            self.client = PipelinedClient(endpoint_from_url(url), timeout=timeout, connect_timeout=connect_timeout,
+                                          pool_size=pool_size)
         self._parts: dict[Any, tuple[bytes, bytes]] = {}
+
+    def describe(self) -> dict[str, Any]:
+        """For /readyz: the master a Sentinel store is using."""
+        if self.locator is None:
+            return {}
+        at = self.locator.current
+        return {"master": f"{at[0]}:{at[1]}" if at is not None else None}
 
     def _pack(self, op: Op) -> bytes:
         if type(op) is GetOp:
@@ -122,6 +144,9 @@ class RedisStore:
         if len(replies) == 1 and type(replies[0]) is list:  # the common case: one script's answer
             future.set_result([_result(ops[0], replies[0])])
             return
+        if self.locator is not None and any(type(r) is hiredis.ReplyError and str(r).startswith("READONLY")
+                                            for r in replies):
+            self.client.rediscover("the server is a replica now")  # a demoted master: ask the sentinels again
         for r in replies:
             if type(r) is hiredis.ReplyError and str(r).startswith("NOSCRIPT"):
                 store_error("NOSCRIPT")
@@ -143,7 +168,11 @@ class RedisStore:
         future.set_result([_result(op, r) for op, r in zip(ops, replies, strict=True)])
 
     async def close(self) -> None:
+        if self._watch is not None:
+            await self._watch.stop()
         await self.client.close()
+        if self.locator is not None:
+            await self.locator.close()
 
 
 _new_tuple = tuple.__new__

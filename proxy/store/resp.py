@@ -26,7 +26,7 @@ import asyncio
 import collections
 import logging
 import ssl as ssl_module
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,8 +162,10 @@ class _Connection(asyncio.Protocol):
 
 
 class PipelinedClient:
-    def __init__(self, endpoint: Endpoint, *, timeout: float, connect_timeout: float, pool_size: int) -> None:
+    def __init__(self, endpoint: Endpoint, *, timeout: float, connect_timeout: float, pool_size: int,
+                 locate: Callable[[], Awaitable[tuple[str, int]]] | None = None) -> None:
         self.endpoint = endpoint
+        self.locate = locate  # where to connect, asked for each new connection (Sentinel); else the endpoint's
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.pool_size = pool_size
@@ -299,6 +301,10 @@ class PipelinedClient:
         conn = _Connection(self)
         if ep.path is not None:
             await self.loop.create_unix_connection(lambda: conn, ep.path)
+        elif self.locate is not None:
+            host, port = await self.locate()
+            await self.loop.create_connection(lambda: conn, host, port, ssl=ep.ssl,
+                                              server_hostname=host if ep.ssl is not None else None)
         else:
             await self.loop.create_connection(lambda: conn, ep.host or "127.0.0.1", ep.port, ssl=ep.ssl)
         self._conns.append(conn)
@@ -323,6 +329,11 @@ class PipelinedClient:
         while self._waiting:
             for g in self._waiting.popleft().groups:
                 g.fail(exc)
+
+    def rediscover(self, why: str) -> None:
+        """Drop every connection (their calls in flight fail): the next ones ask `locate` where to go."""
+        for conn in list(self._conns):
+            conn.discard(StoreUnavailable("unavailable", why, trip=self.trip()))
 
     def _forget(self, conn: _Connection) -> None:
         if conn in self._conns:

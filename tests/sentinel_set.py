@@ -1,0 +1,103 @@
+"""A real Sentinel set for tests: a master, a replica and three sentinels (`redis-server --sentinel`), each its own
+process on a loopback port, so a test can SIGKILL the master and watch the sentinels promote the replica."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.helpers import free_port
+from tests.redis_server import RedisServer
+
+MASTER = "failgate-master"
+
+
+class Sentinel:
+    def __init__(self, workdir: Path, master_port: int) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.conf = workdir / "sentinel.conf"
+        self.conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {workdir}\nlogfile {workdir / 'sentinel.log'}\n"
+            f"sentinel monitor {MASTER} 127.0.0.1 {master_port} 2\n"
+            f"sentinel down-after-milliseconds {MASTER} 500\n"
+            f"sentinel failover-timeout {MASTER} 5000\n"
+            f"sentinel parallel-syncs {MASTER} 1\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Sentinel:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed (tests/run installs it)"
+        self.proc = subprocess.Popen([binary, str(self.conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        return self
+
+    def command(self, *args: str) -> bytes:
+        payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(payload.encode())
+            return s.recv(1 << 16)
+
+    def master_port(self) -> int | None:
+        try:
+            reply = self.command("SENTINEL", "get-master-addr-by-name", MASTER)
+        except OSError:
+            return None
+        parts = reply.split(b"\r\n")
+        return int(parts[4]) if len(parts) > 4 and parts[4].isdigit() else None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class SentinelSet:
+    def __init__(self, workdir: Path) -> None:
+        self.master = RedisServer(workdir / "master")
+        self.replica = RedisServer(workdir / "replica",
+                                   extra=["--replicaof", "127.0.0.1", str(self.master.port)])
+        self.sentinels = [Sentinel(workdir / f"sentinel{i}", self.master.port) for i in range(3)]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{MASTER}/0"
+
+    def start(self) -> SentinelSet:
+        self.master.start()
+        self.replica.start()
+        for s in self.sentinels:
+            s.start()
+        deadline = time.monotonic() + 20
+        while not self.ready():
+            assert time.monotonic() < deadline, "the sentinel set did not come up"
+            time.sleep(0.05)
+        return self
+
+    def ready(self) -> bool:
+        """Every sentinel knows the master, its replica and the other two sentinels; the replica is in sync."""
+        for s in self.sentinels:
+            try:
+                info = s.command("SENTINEL", "master", MASTER)
+            except OSError:
+                return False
+            fields = info.split(b"\r\n")[2::2]
+            state = dict(zip(fields[0::2], fields[1::2], strict=False))
+            if state.get(b"num-slaves") != b"1" or state.get(b"num-other-sentinels") != b"2":
+                return False
+        return b"master_link_status:up" in self.replica.command("INFO", "replication")
+
+    def current_master_port(self) -> int | None:
+        ports = {s.master_port() for s in self.sentinels}
+        return ports.pop() if len(ports) == 1 else None
+
+    def stop(self) -> None:
+        for s in self.sentinels:
+            s.stop()
+        self.replica.stop()
+        self.master.stop()
