@@ -31,6 +31,7 @@ from .reload import ConfigCollector, ConfigState, watch_file
 from .revocations import RevocationDesk
 from .serving import Serving
 from .statefiles import StateDir
+from .store.sentinel import is_sentinel
 
 log = logging.getLogger("failgate.server")
 
@@ -189,6 +190,9 @@ async def worker_main() -> None:
 
     serving.notify = lambda state: send({"event": "state", "breaker": NAMES[state]})
     from . import targets
+    from .store import sentinel
+
+    sentinel.on_master = lambda at: send({"event": "master", "at": at})
 
     targets.on_change = lambda t: send({"event": "target", "upstream": t.settings.upstream, "target": t.label,
                                         "up": not t.out})
@@ -233,6 +237,7 @@ class Worker:
         self.ready = False
         self.breaker = "closed"
         self.out: set[tuple[str, str]] = set()  # (upstream, target) this worker has taken out
+        self.master: str | None = None  # the Sentinel master it uses
         self.sha256 = ""
         self.started_at = 0.0
         self.listener: asyncio.Task[None] | None = None
@@ -268,7 +273,9 @@ class Supervisor:
                     "sha256": self.loaded.sha256,
                     "store": self.loaded.config.store.url.split("://", 1)[0],
                     "breaker": breakers[0] if len(breakers) == 1 else ",".join(breakers) or "closed",
-                    "chaos": self.chaos, "upstreams": self._upstreams()}
+                    "chaos": self.chaos, "upstreams": self._upstreams(),
+                    **({"master": ",".join(sorted({w.master for w in self.workers if w.ready and w.master})) or None}
+                       if is_sentinel(self.loaded.config.store.url) else {})}
 
     def _upstreams(self) -> dict[str, Any]:
         """Each upstream's targets as the workers see them: up unless a worker has taken it out."""
@@ -354,6 +361,8 @@ class Supervisor:
                 log.info("worker %d ready (pid %d)", w.index, proc.pid)
             elif event.get("event") == "state":
                 w.breaker = event.get("breaker", w.breaker)
+            elif event.get("event") == "master":
+                w.master = str(event.get("at"))
             elif event.get("event") == "target":
                 which = (str(event.get("upstream")), str(event.get("target")))
                 if event.get("up"):

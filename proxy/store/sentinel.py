@@ -29,6 +29,8 @@ import redis.sentinel
 log = logging.getLogger("failgate.sentinel")
 
 SCHEMES = ("redis+sentinel", "rediss+sentinel")
+# Told "host:port" of each master a process starts using (a worker tells its parent, for /readyz).
+on_master: Callable[[str], None] | None = None
 
 
 def is_sentinel(url: str) -> bool:
@@ -107,6 +109,8 @@ class Locator:
             if self.current is not None:
                 log.warning("store master %s is now at %s:%d (was %s:%d)", self.spec.master, *found, *self.current)
             self.current = found
+            if on_master is not None:
+                on_master(f"{found[0]}:{found[1]}")
         return found
 
     async def close(self) -> None:

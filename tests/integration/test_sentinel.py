@@ -42,6 +42,17 @@ async def readyz(p: ProxyProcess) -> dict[str, Any]:
         return await r.json()  # type: ignore[no-any-return]
 
 
+async def metric(p: ProxyProcess, name: str, labels: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(p.admin + "/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and labels in line)
+
+
+async def _more(p: ProxyProcess, name: str, labels: str, than: float) -> bool:
+    return await metric(p, name, labels) > than
+
+
 def stats(server: Any, name: str) -> int:
     """Calls of one command the server ran (INFO commandstats), 0 when none."""
     for line in server.command("INFO", "commandstats").decode().splitlines():
@@ -100,6 +111,12 @@ async def test_the_master_killed_under_load_is_followed_to_the_promoted_replica(
         assert statuses == [200] * 5 + [429] * 2
         # the revocation made before the kill came through with the replica
         assert (await raw_request(p.port, "/pay", headers={"Authorization": gone})).status == 401
+        # the revocation channel was subscribed again on the new master: a revocation published there arrives
+        published = await metric(p, "failgate_revocations_total", 'source="publish"')
+        later, _ = add(loaded, "trent", [], None)
+        revoke(loaded, later)
+        await until("the new master's revocation reached the proxy",
+                    lambda: _more(p, "failgate_revocations_total", 'source="publish"', published), timeout=30)
         # the old master, restarted, becomes a replica; Failgate does not write to it
         sentinels.master.start()
         await until("the old master is a replica", lambda: b"role:slave" in sentinels.master.command(
@@ -113,3 +130,47 @@ async def test_the_master_killed_under_load_is_followed_to_the_promoted_replica(
     finally:
         p.stop()
     assert "Traceback" not in p.log()
+
+
+async def test_a_planned_failover_moves_every_worker_off_the_demoted_master(
+        tmp_path: Path, upstream: Upstream, sentinels: SentinelSet) -> None:
+    """`SENTINEL FAILOVER`: the old master stays up and becomes a replica — connections to it stay open and would
+    answer READONLY. Every worker moves to the new master (the switch message, or the READONLY reply), and the
+    demoted one gets nothing more."""
+    cfg = tmp_path / "failgate.yaml"
+    cfg.write_text(config_text(upstream.url, ROUTES, extra=f"workers: 2\nstore: {{url: '{sentinels.url}', "
+                               "timeout: 100ms, connect_timeout: 300ms, breaker: {failures: 3, open_for: 500ms}}\n"))
+    key, _ = add(load_file(str(cfg)), "alice", [], None)
+    p = ProxyProcess(cfg).start()
+    try:
+        await p.wait_ready(workers=2)
+        statuses: list[int] = []
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            while not stop.is_set():
+                statuses.append((await raw_request(p.port, "/pay", headers={"Authorization": key})).status)
+
+        load = [asyncio.create_task(client()) for _ in range(8)]
+        await until("both workers use the master",
+                    lambda: _master_is(p, f"127.0.0.1:{sentinels.master.port}"))
+        assert sentinels.sentinels[0].command("SENTINEL", "FAILOVER", "failgate-master").startswith(b"+OK")
+        await until("the replica is the master", lambda: sentinels.current_master_port() == sentinels.replica.port,
+                    timeout=30)
+        await until("every worker follows it", lambda: _master_is(p, f"127.0.0.1:{sentinels.replica.port}"),
+                    timeout=30)
+        before = stats(sentinels.master, "evalsha") + stats(sentinels.master, "get")
+        mark = len(statuses)
+        await until("traffic after the move", lambda: len(statuses) > mark + 300)
+        stop.set()
+        await asyncio.gather(*load)
+        assert set(statuses) <= {200, 503}  # never a 500, never a 401 for the valid key
+        assert set(statuses[mark:]) == {200}
+        assert stats(sentinels.master, "evalsha") + stats(sentinels.master, "get") == before  # nothing sent to it
+    finally:
+        p.stop()
+    assert "Traceback" not in p.log()
+
+
+async def _master_is(p: ProxyProcess, at: str) -> bool:
+    return (await readyz(p)).get("master") == at

@@ -105,6 +105,17 @@ CASES = [
     ("version: 1\nupstreams:\n  api: {url: 'http://x', timeout: soon}\nroutes: []\n",
      "f.yaml: upstreams.api.timeout: expected a duration such as 250ms, 2s, 1m, 1h or 1d, got 'soon'"),
     ("version: 1\nupstreams: []\nroutes: []\n", "f.yaml: upstreams: expected a mapping, got a list"),
+    # --- Redis Sentinel ---
+    ("version: 1\nstore: {url: 'redis+sentinel://127.0.0.1:26379'}\nupstreams: {a: {url: 'http://a'}}\nroutes: []\n",
+     "f.yaml: store.url: expected the master's name in the path: …/<master-name>/<db> "
+     "(in 'redis+sentinel://127.0.0.1:26379')"),
+    ("version: 1\nstore: {url: 'redis+sentinel://h:x/m/0'}\nupstreams: {a: {url: 'http://a'}}\nroutes: []\n",
+     "f.yaml: store.url: expected sentinels as host:port, comma-separated; got 'h:x' "
+     "(in 'redis+sentinel://h:x/m/0')"),
+    ("version: 1\nstore: {url: 'redis+sentinel://h:1/m/0?password=s'}\nupstreams: {a: {url: 'http://a'}}\n"
+     "routes: []\n",
+     "f.yaml: store.url: unknown query parameter 'password'; the one known is sentinel_password "
+     "(in 'redis+sentinel://h:1/m/0?password=***')"),
     # --- several targets ---
     ("version: 1\nupstreams:\n  api: {timeout: 1s}\nroutes: []\n",
      "f.yaml: upstreams.api: expected either `url` (one target) or `targets` (a list of URLs), not neither"),
@@ -194,8 +205,8 @@ CASES = [
     (ROUTE.replace('"http://127.0.0.1:8000"', '"ftp://x"'),
      "f.yaml: upstreams.api.url: expected an http:// or https:// URL such as http://127.0.0.1:8000, got 'ftp://x'"),
     (ROUTE.replace('"http://127.0.0.1:8000"', '"http://u:hunter2@x"') + "store: {url: 'mysql://u:pw@h'}\n",
-     "f.yaml: store.url: expected memory://, redis://host:port/db, rediss://… or unix:///path, got "
-     "'mysql://u:***@h'"),
+     "f.yaml: store.url: expected memory://, redis://host:port/db, rediss://…, unix:///path or "
+     "redis+sentinel://host:26379,…/<master-name>/<db>, got 'mysql://u:***@h'"),
     (ROUTE + "workers: 2\n",
      "f.yaml: workers: memory:// keeps state inside one process and needs workers: 1 (got 2); use a redis:// store "
      "to run several workers"),
