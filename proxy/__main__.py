@@ -90,6 +90,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         elif args.keys_command == "revoke":
             digest = keys.revoke(loaded, args.key)
             print(f"revoked {digest[:12]}… (routes with auth.cache_for may accept it until their cache expires)")
+        elif args.keys_command == "migrate":
+            print(f"moved {keys.migrate(loaded)} key record(s) to the Cluster layout")
         else:
             print(keys.format_list(keys.list_keys(loaded)))
     except (ConfigError, keys.KeysError) as exc:
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("key")
     k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     k = keys_sub.add_parser("list", help="principal, scopes, plan, expiry and hash prefix of every key")
+    k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    k = keys_sub.add_parser("migrate", help="move records copied from a single Redis to a Cluster's layout")
     k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_keys)
 

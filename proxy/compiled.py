@@ -31,6 +31,7 @@ from .observe.decisionlog import DecisionLog, LogWriter
 from .observe.metrics import RouteMetrics
 from .routing import Router, compile_match
 from .store.breaker import Breaker, BreakerStore
+from .store.cluster import is_cluster
 from .targets import Settings, Target
 
 # Failgate's own identity headers: a client must never be able to send them upstream. Always removed from what
@@ -147,7 +148,8 @@ class Runtime:
                 auth = JwtCheck(r.name, r.auth, retry_after=retry_after, keyset=keyset_for(memories, r.name, r.auth),
                                 tokens=memories.tokens)
             elif r.auth is not None:
-                auth = AuthCheck(r.name, r.auth, key_prefix=prefix, retry_after=retry_after)
+                auth = AuthCheck(r.name, r.auth, key_prefix=prefix, retry_after=retry_after,
+                                 bucketed=is_cluster(cfg.store.url))
             drop = r.auth.header.lower() if r.auth is not None and not r.auth.forward_credentials else None
             up = cfg.upstreams[r.upstream]
             # A credential is checked at the handshake only: on a route with auth, a tunnel lasts 1 h unless told.

@@ -12,14 +12,17 @@ from typing import Any
 import msgspec
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from .checks.memo import Record
 from .config import LoadedConfig
 from .config.schema import parse_duration
 from .config.values import redact_url
-from .keyspace import digest_in, digest_of, epoch_key, record_key, record_pattern
-from .revocations import revoke_commands
+from .keyspace import BUCKETS, digest_in, digest_of, epoch_key, record_key, record_pattern, revoked_key
+from .revocations import KEEP, revoke_commands
+from .store.cluster import is_cluster
+from .store.cluster import parse as parse_cluster
 from .store.sentinel import is_sentinel, sync_master
 
 _encode = msgspec.json.Encoder().encode
@@ -43,6 +46,10 @@ def _client(loaded: LoadedConfig) -> redis.Redis:
                         "a demo key at start and prints it.")
     if is_sentinel(url):
         return sync_master(url, 2.0, retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+    if is_cluster(url):
+        seeds, username, password, tls = parse_cluster(url)
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in seeds], username=username,  # type: ignore[return-value]
+                            password=password, ssl=tls, socket_timeout=2.0, socket_connect_timeout=2.0)
     return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0,
                                 retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
 
@@ -84,7 +91,17 @@ def add(loaded: LoadedConfig, principal: str, scopes: list[str], expires: str | 
         raise KeysError(f"--plan: a plan name is 1-32 of a-z, 0-9, '_' and '-', got {plan!r}")
     record = Record(principal=principal, scopes=scopes, expires_at=expires_at, plan=plan)
 
+    bucketed = is_cluster(loaded.config.store.url)
+
     def write(client: redis.Redis) -> None:
+        if bucketed:  # every bucket's marker (once), then the record: both of one bucket live in one slot
+            now = str(int(time.time()))
+            pipe = client.pipeline(transaction=False)
+            for bucket in BUCKETS:
+                pipe.set(epoch_key(prefix, bucket), now, nx=True)
+            pipe.execute()
+            client.set(record_key(prefix, digest, True), _encode(record))
+            return
         pipe = client.pipeline(transaction=True)
         pipe.set(epoch_key(prefix), str(int(time.time())), nx=True)
         pipe.set(record_key(prefix, digest), _encode(record))
@@ -101,10 +118,19 @@ def revoke(loaded: LoadedConfig, key_or_hash: str) -> str:
     later store outage, from its memory."""
     prefix = loaded.config.store.key_prefix
 
+    bucketed = is_cluster(loaded.config.store.url)
+
     def write(client: redis.Redis) -> str:
-        digest = _resolve(client, prefix, key_or_hash)
-        if not client.exists(record_key(prefix, digest)):
+        digest = _resolve(client, prefix, key_or_hash, bucketed)
+        if not client.exists(record_key(prefix, digest, bucketed)):
             raise KeysError(f"no key with hash {digest[:12]}… in the store")
+        if bucketed:  # the log and the record live in different slots: logged and published first, then deleted
+            now = time.time()
+            client.zadd(revoked_key(prefix), {digest: now})
+            client.zremrangebyscore(revoked_key(prefix), "-inf", now - KEEP)
+            client.publish(revoked_key(prefix), f"{digest} {now}")
+            client.delete(record_key(prefix, digest, True))
+            return digest
         pipe = client.pipeline(transaction=True)
         revoke_commands(pipe, prefix, digest, time.time())
         pipe.execute()
@@ -114,12 +140,12 @@ def revoke(loaded: LoadedConfig, key_or_hash: str) -> str:
     return str(_run(loaded, write))
 
 
-def _resolve(client: redis.Redis, prefix: str, value: str) -> str:
+def _resolve(client: redis.Redis, prefix: str, value: str, bucketed: bool = False) -> str:
     if _HEX64.match(value):
         return value
     if _HEX_PREFIX.match(value):
         matches = [digest_in(prefix, name.decode())
-                   for name in client.scan_iter(match=record_pattern(prefix, value), count=1000)]
+                   for name in client.scan_iter(match=record_pattern(prefix, value, bucketed), count=1000)]
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
@@ -130,9 +156,11 @@ def _resolve(client: redis.Redis, prefix: str, value: str) -> str:
 def list_keys(loaded: LoadedConfig) -> list[tuple[str, Record | None]]:
     prefix = loaded.config.store.key_prefix
 
+    bucketed = is_cluster(loaded.config.store.url)
+
     def read(client: redis.Redis) -> list[tuple[str, Record | None]]:
         out: list[tuple[str, Record | None]] = []
-        for name in client.scan_iter(match=record_pattern(prefix), count=500):
+        for name in client.scan_iter(match=record_pattern(prefix, bucketed=bucketed), count=500):
             raw = client.get(name)
             digest = digest_in(prefix, name.decode())
             try:
@@ -142,6 +170,36 @@ def list_keys(loaded: LoadedConfig) -> list[tuple[str, Record | None]]:
         return sorted(out, key=lambda item: (item[1].principal if item[1] else "", item[0]))
 
     return list(_run(loaded, read))
+
+
+def migrate(loaded: LoadedConfig) -> int:
+    """Move records written in the single-node layout (`<prefix>apikey:<hash>`, e.g. copied over from a single
+    Redis) to the Cluster's bucketed one, writing every bucket's marker; returns how many moved."""
+    if not is_cluster(loaded.config.store.url):
+        raise KeysError(f"{loaded.source}: store.url is not a redis+cluster:// store; the single-node layout is "
+                        "what other stores use, there is nothing to migrate")
+    prefix = loaded.config.store.key_prefix
+
+    def move(client: redis.Redis) -> int:
+        now = str(int(time.time()))
+        pipe = client.pipeline(transaction=False)
+        for bucket in BUCKETS:
+            pipe.set(epoch_key(prefix, bucket), now, nx=True)
+        pipe.execute()
+        moved = 0
+        for name in list(client.scan_iter(match=record_pattern(prefix), count=1000)):
+            text = name.decode()
+            digest = digest_in(prefix, text)
+            if text.startswith(prefix + "apikey:{") or not _HEX64.match(digest):
+                continue  # already bucketed
+            raw = client.get(name)
+            if raw is not None:
+                client.set(record_key(prefix, digest, True), raw)
+            client.delete(name)
+            moved += 1
+        return moved
+
+    return int(_run(loaded, move))
 
 
 def format_list(items: list[tuple[str, Record | None]]) -> str:

@@ -12,7 +12,7 @@ import msgspec
 from ..config.schema import Auth
 from ..decision import Identity, Reason, Verdict
 from ..failmode import degraded, unchecked_allow, unchecked_deny
-from ..keyspace import digest_of, epoch_key, record_key
+from ..keyspace import BUCKETS, digest_of, epoch_key, record_key
 from ..observe.metrics import data_lost
 from ..store.errors import StoreUnavailable
 from ..store.ops import GetOp
@@ -62,14 +62,16 @@ class AuthCheck(CheckKind):
 
     name = "auth"
 
-    def __init__(self, route: str, cfg: Auth, *, key_prefix: str, retry_after: float) -> None:
+    def __init__(self, route: str, cfg: Auth, *, key_prefix: str, retry_after: float, bucketed: bool = False) -> None:
         super().__init__(route, cfg, retry_after)
         self.cfg: Auth = cfg
         self.header = cfg.header
         self.scheme = cfg.scheme.lower() if cfg.scheme else None
         self.scopes = frozenset(cfg.scopes)
         self.key_prefix = key_prefix
+        self.bucketed = bucketed  # a Redis Cluster: records and markers per bucket (keyspace.py)
         self._epoch_op = GetOp(epoch_key(key_prefix))  # the same for every request: made once
+        self._bucket_ops = {b: GetOp(epoch_key(key_prefix, b)) for b in BUCKETS} if bucketed else {}
         self.challenge = [("WWW-Authenticate", f'{cfg.scheme} realm="failgate"')] if cfg.scheme else []
         self._missing = "missing credentials" if cfg.scheme is None else \
             f"missing credentials ({cfg.scheme} <key> in {cfg.header})"
@@ -92,6 +94,8 @@ class AuthCheck(CheckKind):
         return None, digest
 
     def ops(self, digest: str) -> list[GetOp]:
+        if self.bucketed:
+            return [GetOp(record_key(self.key_prefix, digest, True)), self._bucket_ops[digest[:2]]]
         return [GetOp(record_key(self.key_prefix, digest)), self._epoch_op]
 
     # --- decide -----------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from yarl import URL
 
 from ..routing import BadTarget, normalize_path
+from ..store.cluster import SCHEMES as CLUSTER_SCHEMES
+from ..store.cluster import parse as parse_cluster
 from ..store.sentinel import SCHEMES as SENTINEL_SCHEMES
 from ..store.sentinel import parse as parse_sentinel
 from .errors import ConfigError
@@ -51,9 +53,15 @@ def validate(loaded: LoadedConfig) -> None:
     # --- store and workers -----------------------------------------------------------------------------------
     store_url = cfg.store.url
     scheme = store_url.split("://", 1)[0] if "://" in store_url else ""
-    if scheme not in ("memory", "redis", "rediss", "unix", *SENTINEL_SCHEMES):
-        raise fail("store.url", f"expected memory://, redis://host:port/db, rediss://…, unix:///path or "
-                   f"redis+sentinel://host:26379,…/<master-name>/<db>, got {redact_url(store_url)!r}")
+    if scheme not in ("memory", "redis", "rediss", "unix", *SENTINEL_SCHEMES, *CLUSTER_SCHEMES):
+        raise fail("store.url", f"expected memory://, redis://host:port/db, rediss://…, unix:///path, "
+                   f"redis+sentinel://host:26379,…/<master-name>/<db> or redis+cluster://host:7000,…/, "
+                   f"got {redact_url(store_url)!r}")
+    if scheme in CLUSTER_SCHEMES:
+        try:
+            parse_cluster(store_url)
+        except ValueError as exc:
+            raise fail("store.url", f"{exc} (in {redact_url(store_url)!r})") from None
     if scheme in SENTINEL_SCHEMES:
         try:
             parse_sentinel(store_url)

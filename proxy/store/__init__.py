@@ -27,8 +27,12 @@ def open_store(cfg: StoreConfig) -> Store:
         from .memory import MemoryStore
 
         return MemoryStore()
+    from .cluster import ClusterStore, is_cluster
     from .redis import RedisStore
 
+    if is_cluster(cfg.url):  # a breaker per node inside; the process-wide one then never opens
+        return ClusterStore(cfg.url, timeout=cfg.timeout, connect_timeout=cfg.connect_timeout,
+                            pool_size=cfg.pool_size, failures=cfg.breaker.failures, open_for=cfg.breaker.open_for)
     return RedisStore(cfg.url, timeout=cfg.timeout, connect_timeout=cfg.connect_timeout, pool_size=cfg.pool_size)
 
 

@@ -140,6 +140,14 @@ class RedisStore:
         payload = self._pack(ops[0]) if len(ops) == 1 else b"".join([self._pack(op) for op in ops])
         return self.client.submit(payload, len(ops), self._finish, ops)
 
+    def execute_asking(self, op: Op) -> asyncio.Future[list[Any]]:
+        """One operation after `ASKING`, on the same connection (a Cluster slot being migrated)."""
+        return self.client.submit(b"*1\r\n$6\r\nASKING\r\n" + self._pack(op), 2, self._finish_asking, op)
+
+    @staticmethod
+    def _finish_asking(future: asyncio.Future[list[Any]], replies: list[Any], op: Op) -> None:
+        future.set_result([_result(op, replies[1])])
+
     def _finish(self, future: asyncio.Future[list[Any]], replies: list[Any], ops: Sequence[Op]) -> None:
         if len(replies) == 1 and type(replies[0]) is list:  # the common case: one script's answer
             future.set_result([_result(ops[0], replies[0])])

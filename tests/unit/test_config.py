@@ -205,8 +205,8 @@ CASES = [
     (ROUTE.replace('"http://127.0.0.1:8000"', '"ftp://x"'),
      "f.yaml: upstreams.api.url: expected an http:// or https:// URL such as http://127.0.0.1:8000, got 'ftp://x'"),
     (ROUTE.replace('"http://127.0.0.1:8000"', '"http://u:hunter2@x"') + "store: {url: 'mysql://u:pw@h'}\n",
-     "f.yaml: store.url: expected memory://, redis://host:port/db, rediss://…, unix:///path or "
-     "redis+sentinel://host:26379,…/<master-name>/<db>, got 'mysql://u:***@h'"),
+     "f.yaml: store.url: expected memory://, redis://host:port/db, rediss://…, unix:///path, "
+     "redis+sentinel://host:26379,…/<master-name>/<db> or redis+cluster://host:7000,…/, got 'mysql://u:***@h'"),
     (ROUTE + "workers: 2\n",
      "f.yaml: workers: memory:// keeps state inside one process and needs workers: 1 (got 2); use a redis:// store "
      "to run several workers"),
