@@ -24,11 +24,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import ClusterNode
 
 from .keyspace import record_key
 from .keyspace import revoked_key as log_key
 from .observe.metrics import REVOCATIONS
 from .statefiles import StateDir
+from .store.cluster import is_cluster
+from .store.cluster import parse as parse_cluster
 from .store.sentinel import async_master, is_sentinel
 
 log = logging.getLogger("failgate.revocations")
@@ -47,13 +50,37 @@ def revoke_commands(pipe: Any, prefix: str, digest: str, now: float) -> None:
     pipe.publish(log_key(prefix), f"{digest} {now}")
 
 
+async def revoke_in_cluster(client: Any, prefix: str, digest: str, now: float) -> None:
+    """`revoke_commands` on a Cluster: logged and published first, then the record deleted."""
+    await client.zadd(log_key(prefix), {digest: now})
+    await client.zremrangebyscore(log_key(prefix), "-inf", now - KEEP)
+    await client.publish(log_key(prefix), f"{digest} {now}")
+    await client.delete(record_key(prefix, digest, True))
+
+
 def redis_client(url: str, connect_timeout: float, timeout: float | None) -> aioredis.Redis:
     """A redis-py client of the store (of its master, through the sentinels, for Sentinel: after a failover the
     feed's reconnection finds the new master and subscribes there)."""
     if is_sentinel(url):
         return async_master(url, connect_timeout, timeout, health_check_interval=5)
+    if is_cluster(url):  # (the log is one key: its slot's master; redis-py's cluster client finds it)
+        seeds, username, password, tls = parse_cluster(url)
+        return aioredis.RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in seeds],  # type: ignore[return-value]
+                                     username=username, password=password, ssl=tls,
+                                     socket_connect_timeout=connect_timeout, socket_timeout=timeout)
     return aioredis.Redis.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=timeout,
                                    health_check_interval=5)
+
+
+def channel_client(url: str, connect_timeout: float, turn: int) -> aioredis.Redis | None:
+    """On a Cluster, the channel is subscribed on one node (a classic PUBLISH reaches every node), another one
+    at each reconnection (`turn`); None elsewhere: the log's client serves the channel too."""
+    if not is_cluster(url):
+        return None
+    seeds, username, password, tls = parse_cluster(url)
+    host, port = seeds[turn % len(seeds)]
+    return aioredis.Redis(host=host, port=port, username=username, password=password, ssl=tls,
+                          socket_connect_timeout=connect_timeout, health_check_interval=5)
 
 
 class RevocationFeed:
@@ -78,9 +105,12 @@ class RevocationFeed:
     async def _run(self) -> None:
         backoff = 0.2
         reported = False
+        turn = 0
         while True:
             client = redis_client(self.url, self.connect_timeout, None)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            node = channel_client(self.url, self.connect_timeout, turn)
+            turn += 1
+            pubsub = (node or client).pubsub(ignore_subscribe_messages=True)
             try:
                 channel = log_key(self.prefix)
                 if self.state == "no channel permission":  # the log alone, read every 10 s
@@ -113,6 +143,8 @@ class RevocationFeed:
                 self.state = "disconnected"
             finally:
                 await _close(pubsub, client)
+                if node is not None:
+                    await _close(None, node)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
@@ -125,7 +157,8 @@ class RevocationFeed:
 
 async def _close(pubsub: Any, client: aioredis.Redis) -> None:
     try:
-        await pubsub.aclose()
+        if pubsub is not None:
+            await pubsub.aclose()
         await client.aclose()
     except (redis.exceptions.RedisError, OSError):
         pass
@@ -187,10 +220,14 @@ class RevocationDesk:
             return False
         client = redis_client(self.url, self.connect_timeout, 2.0)
         try:
-            pipe = client.pipeline(transaction=True)
-            for digest in self.pending:
-                revoke_commands(pipe, self.prefix, digest, self.revoked[digest])
-            await pipe.execute()
+            if is_cluster(self.url):  # the log and the records live in different slots: no transaction
+                for digest in self.pending:
+                    await revoke_in_cluster(client, self.prefix, digest, self.revoked[digest])
+            else:
+                pipe = client.pipeline(transaction=True)
+                for digest in self.pending:
+                    revoke_commands(pipe, self.prefix, digest, self.revoked[digest])
+                await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("revocation of %d key(s) not yet in the store (%s); retrying", len(self.pending), exc)
             return False

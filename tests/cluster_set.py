@@ -9,14 +9,18 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.helpers import free_port
 from tests.redis_server import RedisServer
 
 
 class ClusterSet:
-    def __init__(self, workdir: Path, masters: int = 3) -> None:
+    def __init__(self, workdir: Path, masters: int = 3, failover: bool = True) -> None:
+        # The cluster bus port is given (by default it is the port + 10000, which may be taken or past 65535).
         self.nodes = [RedisServer(workdir / f"node{i}", extra=[
             "--cluster-enabled", "yes", "--cluster-config-file", str(workdir / f"node{i}" / "nodes.conf"),
-            "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0"])
+            "--cluster-port", str(free_port()), "--cluster-node-timeout", "1000",
+            "--cluster-replica-validity-factor", "0", "--cluster-require-full-coverage", "no",
+            "--cluster-replica-no-failover", "no" if failover else "yes"])
             for i in range(masters * 2)]
         self.masters = masters
 

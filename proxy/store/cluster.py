@@ -93,17 +93,34 @@ class ClusterStore:
         self.slots: list[tuple[str, int] | None] = [None] * SLOTS
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
+        self._again = False
+        self._later: asyncio.TimerHandle | None = None
         self.refresh()
 
     # --- the slot map -----------------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Read the slot map again (in the background, at most once a second)."""
+        """Read the slot map again, in the background: at most once a second — a request made sooner is carried
+        out when the second is over, never dropped (the map must end up current)."""
         if self._refreshing is not None and not self._refreshing.done():
+            self._again = True  # the map may change while it is being read: read it once more after
             return
-        if time.monotonic() - self._refreshed_at < _REFRESH_EVERY and any(self.slots):
+        wait = self._refreshed_at + _REFRESH_EVERY - time.monotonic()
+        if wait > 0 and any(self.slots):
+            if self._later is None:
+                self._later = asyncio.get_running_loop().call_later(wait, self._deferred)
             return
         self._refreshed_at = time.monotonic()
         self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+        self._refreshing.add_done_callback(self._read)
+
+    def _deferred(self) -> None:
+        self._later = None
+        self.refresh()
+
+    def _read(self, _: object) -> None:
+        if self._again:
+            self._again = False
+            self.refresh()
 
     async def _refresh(self) -> None:
         known = [n.address for n in self.nodes.values()]
@@ -260,6 +277,8 @@ class ClusterStore:
                           for (h, p), n in sorted(counts.items())]}
 
     async def close(self) -> None:
+        if self._later is not None:
+            self._later.cancel()
         if self._refreshing is not None:
             self._refreshing.cancel()
         for node in self.nodes.values():
