@@ -63,6 +63,17 @@ def stats(server: Any, name: str) -> int:
     return 0
 
 
+async def metric(p: ProxyProcess, name: str, labels: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(p.admin + "/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and labels in line)
+
+
+async def _more(p: ProxyProcess, name: str, labels: str, than: float) -> bool:
+    return await metric(p, name, labels) > than
+
+
 async def readyz(p: ProxyProcess) -> dict[str, Any]:
     async with aiohttp.ClientSession() as s, s.get(p.admin + "/readyz") as r:
         return await r.json()  # type: ignore[no-any-return]
@@ -109,8 +120,12 @@ async def test_api_keys_in_every_bucket_and_their_revocation(tmp_path: Path, ups
         for k in keys:
             assert (await raw_request(p.port, "/pay", headers={"Authorization": k})).status == 200
         assert (await raw_request(p.port, "/pay", headers={"Authorization": "no-such-key-0123456789"})).status == 401
+        published = await metric(p, "failgate_revocations_total", 'source="publish"')
         revoke(loaded, keys[0])
         assert (await raw_request(p.port, "/pay", headers={"Authorization": keys[0]})).status == 401
+        # published on one node, it reached the proxy subscribed on another (or the same): the channel works
+        await until("the revocation was heard on the channel",
+                    lambda: _more(p, "failgate_revocations_total", 'source="publish"', published))
         assert (await raw_request(p.port, "/pay", headers={"Authorization": keys[1]})).status == 200
     finally:
         p.stop()
