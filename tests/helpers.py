@@ -200,6 +200,17 @@ class ProxyProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    async def readyz(self) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as s, s.get(self.admin + "/readyz") as r:
+            return await r.json()  # type: ignore[no-any-return]
+
+    async def metric(self, name: str, labels: str = "") -> float:
+        """The sum of a metric's samples whose labels contain `labels` (e.g. 'source="publish"')."""
+        async with aiohttp.ClientSession() as s, s.get(self.admin + "/metrics") as r:
+            text = await r.text()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") and labels in line)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:

@@ -52,6 +52,13 @@ class RedisServer:
             s.sendall(payload.encode())
             return s.recv(1 << 16)
 
+    def calls(self, command: str) -> int:
+        """How many times this server ran `command` (INFO commandstats; 0 when never)."""
+        for line in self.command("INFO", "commandstats").decode().splitlines():
+            if line.startswith(f"cmdstat_{command}:"):
+                return int(line.split("calls=", 1)[1].split(",", 1)[0])
+        return 0
+
     def pause(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGSTOP)

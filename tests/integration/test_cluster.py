@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from redis.crc import key_slot
 
@@ -56,27 +55,11 @@ def slot_of_client(value: str, route: str = "exact") -> int:
     return key_slot(f"{{{route}:h:{subject_hash(value)}}}".encode())
 
 
-def stats(server: Any, name: str) -> int:
-    for line in server.command("INFO", "commandstats").decode().splitlines():
-        if line.startswith(f"cmdstat_{name}:"):
-            return int(line.split("calls=", 1)[1].split(",", 1)[0])
-    return 0
-
-
-async def metric(p: ProxyProcess, name: str, labels: str) -> float:
-    async with aiohttp.ClientSession() as s, s.get(p.admin + "/metrics") as r:
-        text = await r.text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and labels in line)
 
 
 async def _more(p: ProxyProcess, name: str, labels: str, than: float) -> bool:
-    return await metric(p, name, labels) > than
+    return await p.metric(name, labels) > than
 
-
-async def readyz(p: ProxyProcess) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as s, s.get(p.admin + "/readyz") as r:
-        return await r.json()  # type: ignore[no-any-return]
 
 
 async def started(cfg: Path) -> ProxyProcess:
@@ -87,7 +70,7 @@ async def started(cfg: Path) -> ProxyProcess:
 
 
 async def _nodes(p: ProxyProcess, n: int) -> bool:
-    return len((await readyz(p)).get("nodes", [])) == n
+    return len((await p.readyz()).get("nodes", [])) == n
 
 
 async def test_limits_are_exact_on_every_master(tmp_path: Path, upstream: Upstream, cluster: ClusterSet) -> None:
@@ -99,8 +82,8 @@ async def test_limits_are_exact_on_every_master(tmp_path: Path, upstream: Upstre
         for c in clients:
             statuses = [(await raw_request(p.port, "/exact", headers={"X-Client": c})).status for _ in range(7)]
             assert statuses == [200] * 5 + [429] * 2, (c, statuses)
-        assert all(stats(n, "evalsha") + stats(n, "eval") > 0 for n in cluster.nodes[:3])
-        state = await readyz(p)
+        assert all(n.calls("evalsha") + n.calls("eval") > 0 for n in cluster.nodes[:3])
+        state = await p.readyz()
         assert sorted(n["slots"] for n in state["nodes"]) == [5461, 5461, 5462]
         assert {n["breaker"] for n in state["nodes"]} == {"closed"}
     finally:
@@ -120,7 +103,7 @@ async def test_api_keys_in_every_bucket_and_their_revocation(tmp_path: Path, ups
         for k in keys:
             assert (await raw_request(p.port, "/pay", headers={"Authorization": k})).status == 200
         assert (await raw_request(p.port, "/pay", headers={"Authorization": "no-such-key-0123456789"})).status == 401
-        published = await metric(p, "failgate_revocations_total", 'source="publish"')
+        published = await p.metric("failgate_revocations_total", 'source="publish"')
         revoke(loaded, keys[0])
         assert (await raw_request(p.port, "/pay", headers={"Authorization": keys[0]})).status == 401
         # published on one node, it reached the proxy subscribed on another (or the same): the channel works
@@ -282,4 +265,4 @@ async def test_resharding_under_load_gives_no_wrong_answer(tmp_path: Path, upstr
 async def _slots_after_traffic(p: ProxyProcess, counts: list[int]) -> bool:
     for i in range(50):
         await raw_request(p.port, "/load", headers={"X-Client": f"probe-{time.monotonic()}-{i}"})
-    return sorted(n["slots"] for n in (await readyz(p)).get("nodes", [])) == counts
+    return sorted(n["slots"] for n in (await p.readyz()).get("nodes", [])) == counts

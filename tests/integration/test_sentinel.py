@@ -6,9 +6,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 
 from proxy.config import load_file
@@ -37,28 +35,11 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
     s.stop()
 
 
-async def readyz(p: ProxyProcess) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as s, s.get(p.admin + "/readyz") as r:
-        return await r.json()  # type: ignore[no-any-return]
-
-
-async def metric(p: ProxyProcess, name: str, labels: str) -> float:
-    async with aiohttp.ClientSession() as s, s.get(p.admin + "/metrics") as r:
-        text = await r.text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and labels in line)
 
 
 async def _more(p: ProxyProcess, name: str, labels: str, than: float) -> bool:
-    return await metric(p, name, labels) > than
+    return await p.metric(name, labels) > than
 
-
-def stats(server: Any, name: str) -> int:
-    """Calls of one command the server ran (INFO commandstats), 0 when none."""
-    for line in server.command("INFO", "commandstats").decode().splitlines():
-        if line.startswith(f"cmdstat_{name}:"):
-            return int(line.split("calls=", 1)[1].split(",", 1)[0])
-    return 0
 
 
 async def test_the_master_killed_under_load_is_followed_to_the_promoted_replica(
@@ -74,7 +55,7 @@ async def test_the_master_killed_under_load_is_followed_to_the_promoted_replica(
     try:
         await p.wait_ready()
         assert (await raw_request(p.port, "/pay", headers={"Authorization": key})).status == 200
-        assert (await readyz(p))["master"] == f"127.0.0.1:{sentinels.master.port}"
+        assert (await p.readyz())["master"] == f"127.0.0.1:{sentinels.master.port}"
         seen: list[tuple[float, float, int, str]] = []  # (sent, answered, status, tag)
         stop = asyncio.Event()
 
@@ -105,14 +86,14 @@ async def test_the_master_killed_under_load_is_followed_to_the_promoted_replica(
         assert {status for _, _, status, _ in seen} <= {200, 503}
         assert during and all(status == 503 and tag.startswith("auth;mode=closed;reason=") for status, tag in during)
         assert all(tag == "" for _, _, status, tag in seen if status == 200)
-        assert (await readyz(p))["master"] == f"127.0.0.1:{sentinels.replica.port}"
+        assert (await p.readyz())["master"] == f"127.0.0.1:{sentinels.replica.port}"
         # counts exact again on the new master
         statuses = [(await raw_request(p.port, "/exact", headers={"X-Client": "after"})).status for _ in range(7)]
         assert statuses == [200] * 5 + [429] * 2
         # the revocation made before the kill came through with the replica
         assert (await raw_request(p.port, "/pay", headers={"Authorization": gone})).status == 401
         # the revocation channel was subscribed again on the new master: a revocation published there arrives
-        published = await metric(p, "failgate_revocations_total", 'source="publish"')
+        published = await p.metric("failgate_revocations_total", 'source="publish"')
         later, _ = add(loaded, "trent", [], None)
         revoke(loaded, later)
         await until("the new master's revocation reached the proxy",
@@ -124,9 +105,9 @@ async def test_the_master_killed_under_load_is_followed_to_the_promoted_replica(
         for i in range(20):
             assert (await raw_request(p.port, "/exact", headers={"X-Client": f"late-{i}"})).status == 200
             assert (await raw_request(p.port, "/pay", headers={"Authorization": key})).status == 200
-        assert stats(sentinels.master, "evalsha") == stats(sentinels.master, "eval") == 0
-        assert stats(sentinels.master, "get") == 0
-        assert stats(sentinels.replica, "evalsha") >= 20
+        assert sentinels.master.calls("evalsha") == sentinels.master.calls("eval") == 0
+        assert sentinels.master.calls("get") == 0
+        assert sentinels.replica.calls("evalsha") >= 20
     finally:
         p.stop()
     assert "Traceback" not in p.log()
@@ -159,18 +140,18 @@ async def test_a_planned_failover_moves_every_worker_off_the_demoted_master(
                     timeout=30)
         await until("every worker follows it", lambda: _master_is(p, f"127.0.0.1:{sentinels.replica.port}"),
                     timeout=30)
-        before = stats(sentinels.master, "evalsha") + stats(sentinels.master, "get")
+        before = sentinels.master.calls("evalsha") + sentinels.master.calls("get")
         mark = len(statuses)
         await until("traffic after the move", lambda: len(statuses) > mark + 300)
         stop.set()
         await asyncio.gather(*load)
         assert set(statuses) <= {200, 503}  # never a 500, never a 401 for the valid key
         assert set(statuses[mark:]) == {200}
-        assert stats(sentinels.master, "evalsha") + stats(sentinels.master, "get") == before  # nothing sent to it
+        assert sentinels.master.calls("evalsha") + sentinels.master.calls("get") == before  # nothing sent to it
     finally:
         p.stop()
     assert "Traceback" not in p.log()
 
 
 async def _master_is(p: ProxyProcess, at: str) -> bool:
-    return (await readyz(p)).get("master") == at
+    return (await p.readyz()).get("master") == at
