@@ -31,6 +31,7 @@ from .reload import ConfigCollector, ConfigState, watch_file
 from .revocations import RevocationDesk
 from .serving import Serving
 from .statefiles import StateDir
+from .store.cluster import is_cluster
 from .store.sentinel import is_sentinel
 
 log = logging.getLogger("failgate.server")
@@ -193,6 +194,9 @@ async def worker_main() -> None:
     from .store import sentinel
 
     sentinel.on_master = lambda at: send({"event": "master", "at": at})
+    from .store import cluster
+
+    cluster.on_nodes = lambda nodes: send({"event": "nodes", "nodes": nodes})
 
     targets.on_change = lambda t: send({"event": "target", "upstream": t.settings.upstream, "target": t.label,
                                         "up": not t.out})
@@ -238,6 +242,7 @@ class Worker:
         self.breaker = "closed"
         self.out: set[tuple[str, str]] = set()  # (upstream, target) this worker has taken out
         self.master: str | None = None  # the Sentinel master it uses
+        self.nodes: list[dict[str, Any]] = []  # the Cluster masters it uses, with its breakers
         self.sha256 = ""
         self.started_at = 0.0
         self.listener: asyncio.Task[None] | None = None
@@ -275,7 +280,20 @@ class Supervisor:
                     "breaker": breakers[0] if len(breakers) == 1 else ",".join(breakers) or "closed",
                     "chaos": self.chaos, "upstreams": self._upstreams(),
                     **({"master": ",".join(sorted({w.master for w in self.workers if w.ready and w.master})) or None}
-                       if is_sentinel(self.loaded.config.store.url) else {})}
+                       if is_sentinel(self.loaded.config.store.url) else {}),
+                    **({"nodes": self._nodes()} if is_cluster(self.loaded.config.store.url) else {})}
+
+    def _nodes(self) -> list[dict[str, Any]]:
+        """The Cluster's masters as the workers see them: a node's breaker is the worst any worker has."""
+        worst = {"closed": 0, "half-open": 1, "open": 2}
+        merged: dict[str, dict[str, Any]] = {}
+        for w in self.workers:
+            for n in w.nodes if w.ready else ():
+                seen = merged.setdefault(n["node"], dict(n))
+                seen["slots"] = n["slots"]
+                if worst.get(n["breaker"], 0) > worst.get(seen["breaker"], 0):
+                    seen["breaker"] = n["breaker"]
+        return [merged[k] for k in sorted(merged)]
 
     def _upstreams(self) -> dict[str, Any]:
         """Each upstream's targets as the workers see them: up unless a worker has taken it out."""
@@ -363,6 +381,8 @@ class Supervisor:
                 w.breaker = event.get("breaker", w.breaker)
             elif event.get("event") == "master":
                 w.master = str(event.get("at"))
+            elif event.get("event") == "nodes":
+                w.nodes = list(event.get("nodes") or [])
             elif event.get("event") == "target":
                 which = (str(event.get("upstream")), str(event.get("target")))
                 if event.get("up"):

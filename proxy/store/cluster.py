@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -35,6 +35,8 @@ from .redis import RedisStore
 log = logging.getLogger("failgate.cluster")
 
 SCHEMES = ("redis+cluster", "rediss+cluster")
+# Told every change of the masters or their breakers (`describe()["nodes"]`): a worker tells its parent, for /readyz.
+on_nodes: Callable[[list[dict[str, Any]]], None] | None = None
 SLOTS = 16384
 _REFRESH_EVERY = 1.0  # seconds: the slot map is read again at most this often
 
@@ -147,6 +149,7 @@ class ClusterStore:
                     log.warning("cluster slot map changed: masters now %s",
                                 ", ".join(sorted({f"{h}:{p}" for h, p in {a for a in slots if a}})))
                 self.slots = slots
+                self._report()
             return
         log.warning("cluster slot map: no node answered CLUSTER SLOTS (seeds %s)",
                     ", ".join(f"{h}:{p}" for h, p in self.seeds))
@@ -172,6 +175,7 @@ class ClusterStore:
             def changed(state: int, label: str = label, gauge: Any = gauge) -> None:
                 gauge.set(state)
                 log.warning("cluster node %s breaker %s", label, NAMES[state])
+                self._report()
 
             node = self.nodes[address] = _Node(address, store, Breaker(self.failures, self.open_for,
                                                                        on_change=changed))
@@ -266,6 +270,10 @@ class ClusterStore:
         elif not trip.counted:
             trip.counted = True
             breaker.failure()
+
+    def _report(self) -> None:
+        if on_nodes is not None:
+            on_nodes(self.describe()["nodes"])
 
     def describe(self) -> dict[str, Any]:
         """For /readyz: each master, its slot count and its breaker."""

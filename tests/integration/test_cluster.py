@@ -43,10 +43,10 @@ def cluster(tmp_path: Path) -> Iterator[ClusterSet]:
     c.stop()
 
 
-def write_config(tmp_path: Path, upstream: Upstream, cluster: ClusterSet) -> Path:
+def write_config(tmp_path: Path, upstream: Upstream, cluster: ClusterSet, workers: int = 1) -> Path:
     cfg = tmp_path / "failgate.yaml"
-    cfg.write_text(config_text(upstream.url, ROUTES, extra=f"store: {{url: '{cluster.url}', timeout: 100ms, "
-                               "connect_timeout: 300ms, breaker: {failures: 3, open_for: 500ms}}\n"))
+    cfg.write_text(config_text(upstream.url, ROUTES, extra=f"workers: {workers}\nstore: {{url: '{cluster.url}', "
+                               "timeout: 100ms, connect_timeout: 300ms, breaker: {failures: 3, open_for: 500ms}}\n"))
     return cfg
 
 
@@ -73,8 +73,10 @@ async def _nodes(p: ProxyProcess, n: int) -> bool:
     return len((await p.readyz()).get("nodes", [])) == n
 
 
-async def test_limits_are_exact_on_every_master(tmp_path: Path, upstream: Upstream, cluster: ClusterSet) -> None:
-    p = await started(write_config(tmp_path, upstream, cluster))
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_limits_are_exact_on_every_master(tmp_path: Path, upstream: Upstream, cluster: ClusterSet,
+                                                workers: int) -> None:
+    p = await started(write_config(tmp_path, upstream, cluster, workers))
     try:
         clients = [f"client-{i}" for i in range(30)]
         masters = {cluster.master_of_slot(slot_of_client(c)).port for c in clients}
