@@ -30,6 +30,18 @@ def test_check_accepts_the_example_config_and_explains_it() -> None:
     assert "auth: api_key in X-Api-Key scopes admin; on_store_error closed (inherited from defaults), status 503" in out
 
 
+def test_version_and_a_reader_that_goes_away() -> None:
+    r = failgate("--version")
+    assert (r.returncode, r.stdout.strip()) == (0, "failgate 0.1.0")
+    # `failgate check F … | head -1`: the pipe closes after one line, long before the output (more than a pipe's
+    # buffer) is written; no traceback, a clean exit
+    files = " ".join(["config/failgate.yaml"] * 200)
+    done = subprocess.run(f"{sys.executable} -m proxy check {files} | head -1", shell=True, cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("config/failgate.yaml: OK")
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
 def test_check_lists_an_upstream_s_targets_without_their_password(tmp_path: Path) -> None:
     cfg = tmp_path / "t.yaml"
     cfg.write_text("version: 1\nupstreams:\n  api:\n    targets: ['http://u:secret@10.0.0.1:81', "
