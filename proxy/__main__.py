@@ -44,7 +44,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config.values import resolve_workers
+    from .config.values import port_in_use, resolve_workers
     from .reload import ConfigState
     from .server import run
 
@@ -70,6 +70,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: --state-dir: cannot use {args.state_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    cfg = loaded.config
+    for what, host, port in (("listen", cfg.listen.host, cfg.listen.port), ("admin", cfg.admin.host, cfg.admin.port)):
+        busy = port_in_use(host, port)
+        if busy is not None:
+            print(f"error: cannot listen ({what}) on {busy} — is another Failgate running there?", file=sys.stderr)
+            return 1
     try:
         run(state, workers, state_dir)
     except OSError as exc:

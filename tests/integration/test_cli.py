@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.helpers import ROOT
+from tests.redis_server import RedisServer
 
 
 def failgate(*args: str) -> subprocess.CompletedProcess[str]:
@@ -168,3 +169,26 @@ def test_run_workers_override_is_checked_like_the_config(tmp_path: Path) -> None
                                 f"(--workers 2 given)")
     r = failgate("run", "-c", str(cfg), "--workers", "0")
     assert (r.returncode, r.stderr.strip()) == (1, "error: --workers must be 1 or more")
+
+
+async def test_a_second_instance_on_a_taken_port_refuses_to_start(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Workers listen with SO_REUSEPORT: without a check, a second `failgate run` on the same port would start
+    and silently take half the traffic."""
+    from tests.helpers import ProxyProcess, Upstream, config_text
+
+    up = Upstream()
+    await up.start()
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(config_text(up.url, "- {name: all, match: {path: /, prefix: true}, upstream: api}\n",
+                               extra=f"workers: 2\nstore: {{url: '{redis_server.url}'}}\n"))
+    first = ProxyProcess(cfg).start()
+    try:
+        await first.wait_ready(workers=2)
+        second = subprocess.run([sys.executable, "-m", "proxy", "run", "-c", str(cfg)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1
+        assert f"cannot listen (listen) on 127.0.0.1:{first.port}" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.stop()
+        await up.stop()

@@ -307,3 +307,19 @@ routes: [{name: r, match: {path: /}, upstream: api}]
     for secret in ("userinfo-secret", "query-secret", "upstream-secret", "target-secret"):
         assert secret not in doc
     assert "password=***" in doc and ":***@127.0.0.1:6379" in doc
+
+
+def test_workers_auto_respects_a_container_cpu_quota(tmp_path: Path) -> None:
+    from proxy.config.values import resolve_workers
+
+    cpus = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # cgroup v2: 1.5 CPUs
+    assert resolve_workers("auto", str(tmp_path)) == min(cpus, 2)
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # no quota
+    assert resolve_workers("auto", str(tmp_path)) == cpus
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")  # cgroup v1: half a CPU
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert resolve_workers("auto", str(tmp_path)) == 1
+    assert resolve_workers(3, str(tmp_path)) == 3
