@@ -21,7 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .compiled import Route, Runtime
 from .decision import Decision, Identity, Verdict
-from .forward import ClientGone, Outgoing, UpstreamFailed, upstream_headers
+from .forward import ClientGone, Outgoing, Trace, UpstreamFailed, upstream_headers
 from .listener import MalformedLog
 from .observe.decisionlog import LogWriter
 from .observe.metrics import RouteMetrics
@@ -74,6 +74,15 @@ def _rate_limit_fields(verdicts: list[Verdict], reply: list[tuple[str, str]]) ->
     return retry
 
 
+def _bytes_out(resp: web.StreamResponse) -> int:
+    """The response body's bytes: streamed ones are written by now, a whole one (aiohttp writes it after the
+    handler returns) by its length."""
+    if resp.prepared:
+        return resp.body_length
+    body = resp.body if isinstance(resp, web.Response) else None
+    return len(body) if isinstance(body, (bytes, bytearray)) else 0
+
+
 @dataclass(slots=True)
 class Facts:
     """What the handler learned about one request, for its response, its metrics and its log lines."""
@@ -84,6 +93,8 @@ class Facts:
     client: str = ""
     decision: Decision | None = None
     websocket: bool = False  # an `Upgrade: websocket` handshake
+    trace: Trace | None = None  # the upstream leg, for the access log
+    checks: float = 0.0  # seconds spent in the checks (the store round trips, an authorizer)
     released: bool = False  # no longer counted as in flight on its config (a tunnel, once established)
 
 
@@ -139,14 +150,17 @@ class Proxy:
                     if route.auth is not None and route.auth.remote:
                         uri = f"{target.path}?{target.query}" if target.query else target.path
                         facts_for_authorizer = (request.method, uri, authority.value if authority else None, rid)
+                    began = time.perf_counter()
                     decision = facts.decision = await run_checks(rt, route, check_headers, facts.client,
                                                                  facts_for_authorizer)
+                    facts.checks = time.perf_counter() - began
                     identity = decision.identity
                     tag, denied = self._decided(decision, reply, rt, route, rid)
                 if denied is not None:
                     resp = denied
                 else:
                     out = self._outgoing(request, rt, route, target, authority, reply, tag, identity, rid)
+                    facts.trace = out.trace
                     if facts.decision is not None:
                         for v in facts.decision.verdicts:  # an authorizer's headers for the upstream
                             for name, value in v.upstream:
@@ -173,7 +187,7 @@ class Proxy:
                                     "upstream": route_.upstream.name, "status": exc.status, "detail": exc.detail})
         except ClientGone as gone:
             # The client went away mid-response: counted as 499, the status nginx logs for it.
-            self._finish(request, rt, facts, 499)
+            self._finish(request, rt, facts, 499, gone.response.body_length)
             return gone.response
         finally:
             if not facts.released:
@@ -184,7 +198,7 @@ class Proxy:
               resp: web.StreamResponse) -> web.StreamResponse:
         if self.draining:
             resp.force_close()  # Connection: close — the client must not send another request on this connection
-        self._finish(request, rt, facts, resp.status)
+        self._finish(request, rt, facts, resp.status, _bytes_out(resp) if self.access_log is not None else 0)
         return resp
 
     @staticmethod
@@ -215,7 +229,8 @@ class Proxy:
         headers[auth.cfg.header] = f"{scheme} {values[0]}" if scheme else values[0]
         return CIMultiDictProxy(headers), target
 
-    def _finish(self, request: web.BaseRequest, rt: Runtime, facts: Facts, status: int) -> None:
+    def _finish(self, request: web.BaseRequest, rt: Runtime, facts: Facts, status: int,
+                response_bytes: int = 0) -> None:
         """Count the request; a decision-log line per deny, shadow deny and degraded verdict; the access log."""
         route = facts.route
         metrics = route.metrics if route is not None else _NO_ROUTE
@@ -231,10 +246,20 @@ class Proxy:
                                         decision=v.decision, basis=v.basis, reason=v.reason,
                                         status=status, client=facts.client, principal=principal)
         if self.access_log is not None:
+            trace = facts.trace
+            length = request.content_length
             self.access_log.put({
                 "ts": round(time.time(), 3), "request_id": facts.rid, "route": route.name if route else None,
                 "method": request.method, "path": request.raw_path.split("?", 1)[0], "status": status,
-                "duration_ms": round(took * 1000, 3), "client": request.remote,
+                "bytes_in": trace.bytes_in if trace is not None and trace.bytes_in else (length or 0),
+                "bytes_out": response_bytes,
+                "duration_ms": round(took * 1000, 3), "checks_ms": round(facts.checks * 1000, 3),
+                "upstream_ms": round(trace.seconds * 1000, 3) if trace is not None and trace.seconds is not None
+                else None,
+                "upstream_target": trace.target if trace is not None else None,
+                "upstream_status": trace.status if trace is not None else None,
+                "degraded": [v.tag() for v in decision.verdicts if v.degraded] if decision is not None else [],
+                "client": request.remote,
             })
 
     def _route(self, request: web.BaseRequest, rt: Runtime,
@@ -358,4 +383,5 @@ class Proxy:
         if route.prefix_chars:
             path = path[route.prefix_chars:] or "/"
         return Outgoing(request.method, f"{path}?{target.query}" if target.query else path, out_headers,
-                        rt.max_body, [(rt.request_id_header, rid), *reply])
+                        rt.max_body, [(rt.request_id_header, rid), *reply],
+                        Trace() if self.access_log is not None else None)

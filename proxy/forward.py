@@ -64,6 +64,16 @@ class ClientGone(Exception):
         self.response = response
 
 
+@dataclass(slots=True)
+class Trace:
+    """What the upstream leg did, for the access log: the target tried last, its status, time to its headers."""
+
+    target: str | None = None
+    status: int | None = None
+    seconds: float | None = None
+    bytes_in: int = 0  # request body bytes read from the client
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """What the app decided to send upstream."""
@@ -73,6 +83,7 @@ class Outgoing:
     headers: CIMultiDict[str]
     max_body: int
     reply_headers: list[tuple[str, str]]  # added to the response: request id, RateLimit fields, degraded tag
+    trace: Trace | None = None  # filled in when the access log is on
 
 
 # RFC 9110 §9.2.2: a request that can be sent twice with the effect of once.
@@ -97,7 +108,8 @@ class _Body:
     def __init__(self) -> None:
         self.too_large = False
 
-    async def stream(self, request: web.BaseRequest, max_body: int, idle: float) -> AsyncIterator[bytes]:
+    async def stream(self, request: web.BaseRequest, max_body: int, idle: float,
+                     trace: Trace | None = None) -> AsyncIterator[bytes]:
         seen = 0
         content = request.content
         while True:
@@ -106,6 +118,8 @@ class _Body:
             if not chunk:
                 return
             seen += len(chunk)
+            if trace is not None:
+                trace.bytes_in = seen
             if seen > max_body:
                 self.too_large = True
                 raise BodyTooLarge
@@ -140,7 +154,7 @@ class UpstreamClient:
             if self._several and out.method in IDEMPOTENT and length is not None and length <= _SMALL:
                 data = await self._read_whole(request, body, out)  # small and replayable: may go to another target
             else:
-                data = body.stream(request, out.max_body, self.cfg.idle_timeout)
+                data = body.stream(request, out.max_body, self.cfg.idle_timeout, out.trace)
         own_host = "Host" not in out.headers  # not preserve_host: each target is told its own name
         target = self.balancer.pick()
         assert target is not None  # never more than half of the targets are out
@@ -163,7 +177,7 @@ class UpstreamClient:
     async def _read_whole(self, request: web.BaseRequest, body: _Body, out: Outgoing) -> bytes:
         chunks = []
         try:
-            async for chunk in body.stream(request, out.max_body, self.cfg.idle_timeout):
+            async for chunk in body.stream(request, out.max_body, self.cfg.idle_timeout, out.trace):
                 chunks.append(chunk)
         except BodyTooLarge:
             raise UpstreamFailed(413, "the request body is larger than limits.max_body", out.reply_headers) from None
@@ -175,6 +189,9 @@ class UpstreamClient:
                     data: AsyncIterator[bytes] | bytes | None, body: _Body) -> web.StreamResponse:
         if own_host:
             out.headers["Host"] = target.host_header
+        trace = out.trace
+        if trace is not None:
+            trace.target, trace.status, trace.seconds = target.label, None, None
         balancer = self.balancer
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -190,7 +207,10 @@ class UpstreamClient:
                         out.method, target.url_for(out.path_qs), headers=out.headers, data=data,
                         allow_redirects=False, compress=None, auto_decompress=False,
                     )
-                    self._duration.observe(time.perf_counter() - started)
+                    took = time.perf_counter() - started
+                    self._duration.observe(took)
+                    if trace is not None:
+                        trace.status, trace.seconds = upstream.status, took
                     if upstream.status in _GATEWAY_STATUSES:
                         balancer.failed(target, f"it answered {upstream.status}")
                     elif target.failures:

@@ -336,3 +336,33 @@ def test_url_building_keeps_the_normalized_path_verbatim() -> None:
     client = Target(Settings("api", "http://10.0.0.1:8000/base/", 1.0, True))
     assert client.url_for("/a%20b/~?q=%2F") == URL("http://10.0.0.1:8000/base/a%20b/~?q=%2F", encoded=True)
     assert str(client.url_for("/x")) == "http://10.0.0.1:8000/base/x"
+
+
+async def test_the_access_log_says_what_each_leg_did(upstream: Upstream) -> None:
+    import io
+    import json
+
+    log = io.StringIO()
+    dead = f"http://127.0.0.1:{free_port()}"
+    routes = ("- {name: up, match: {path: /upload}, upstream: api}\n"
+              "- {name: gone, match: {path: /gone}, upstream: nowhere}\n"
+              "- name: limited\n  match: {path: /x}\n  upstream: api\n"
+              "  rate_limit: {limit: 100, per: 1m, on_store_error: open}\n")
+    text = config_text(upstream.url, routes, extra="access_log: true\n").replace(
+        "upstreams:\n", f"upstreams:\n  nowhere: {{url: '{dead}', connect_timeout: 200ms}}\n")
+    async with InProcessProxy(text, log_stream=log) as p, aiohttp.ClientSession() as s:
+        async with s.post(p.url + "/upload", data=b"z" * 1000) as r:
+            body = await r.read()
+        async with s.get(p.url + "/gone") as r:
+            assert r.status == 502
+        async with s.get(p.url + "/x") as r:
+            assert r.status == 200
+    lines = [json.loads(line) for line in log.getvalue().splitlines() if '"bytes_out"' in line]
+    upload, gone, limited = lines
+    assert (upload["status"], upload["bytes_in"], upload["bytes_out"]) == (200, 1000, len(body))
+    assert (upload["upstream_target"], upload["upstream_status"]) == (upstream.url, 200)
+    assert upload["upstream_ms"] > 0 and upload["duration_ms"] >= upload["upstream_ms"]
+    assert upload["checks_ms"] == 0 and upload["degraded"] == []
+    assert (gone["status"], gone["upstream_target"], gone["upstream_status"], gone["upstream_ms"]) == \
+        (502, dead, None, None)
+    assert limited["checks_ms"] > 0 and limited["bytes_in"] == 0
