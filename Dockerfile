@@ -1,6 +1,7 @@
 # Failgate: a small image with only runtime dependencies, running as a non-root user.
 #   docker build -t failgate .
-#   docker run -e FAILGATE_ADMIN_TOKEN=... -e REDIS_URL=redis://redis:6379/0 -p 8080:8080 -p 9901:9901 failgate
+#   docker run -e FAILGATE_ADMIN_TOKEN=... -e REDIS_URL=redis://redis:6379/0 -e UPSTREAM_URL=http://api:8000 \
+#              -p 8080:8080 -p 127.0.0.1:9901:9901 -v failgate-state:/var/lib/failgate failgate
 # Mount your own config at /etc/failgate/failgate.yaml.
 
 FROM python:3.11-slim AS build
@@ -18,8 +19,12 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 COPY config/docker.yaml /etc/failgate/failgate.yaml
 USER failgate
 EXPOSE 8080 9901
-HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=2).status != 200)"]
+# /readyz, at the admin address the config names: unhealthy while no worker is ready (crash-looping workers) or
+# while draining; a store outage is not unhealthy (the routes' fail modes handle it).
+HEALTHCHECK --interval=10s --timeout=4s --start-period=10s --retries=3 \
+  CMD ["failgate", "health", "-c", "/etc/failgate/failgate.yaml"]
+# The last good config and the state directory (remembered API-key answers, revocations) outlive the container.
+VOLUME ["/var/lib/failgate"]
 # Exec form: SIGTERM and SIGHUP reach Failgate itself (graceful drain, reload).
 ENTRYPOINT ["failgate"]
 CMD ["run", "-c", "/etc/failgate/failgate.yaml", "--last-good", "/var/lib/failgate/last-good.yaml"]

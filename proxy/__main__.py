@@ -108,6 +108,33 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the instance the config describes answers /readyz with 200 (a worker is ready and it is not
+    draining), 1 otherwise — for a container's HEALTHCHECK, which then needs no port written into it."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        cfg = load_file(args.config).config
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    host = "127.0.0.1" if cfg.admin.host in ("0.0.0.0", "::", "") else cfg.admin.host.strip("[]")
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{cfg.admin.port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as r:
+            print(f"ready: {url}")
+            return 0 if r.status == 200 else 1
+    except urllib.error.HTTPError as exc:
+        detail = json.loads(exc.read() or b"{}")
+        print(f"not ready: {url} answered {exc.code} (draining: {detail.get('draining')}, workers ready: "
+              f"{(detail.get('workers') or {}).get('ready')})", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"not ready: {url}: {exc}", file=sys.stderr)
+    return 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -153,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     k = keys_sub.add_parser("migrate", help="move records copied from a single Redis to a Cluster's layout")
     k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("health", help="exit 0 when the running instance is ready (for a container HEALTHCHECK)")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for /readyz (default 2)")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("demo", help="run an echo upstream and the proxy with config/demo.yaml on memory://")
     p.add_argument("-v", "--verbose", action="store_true")

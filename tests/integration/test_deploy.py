@@ -81,7 +81,11 @@ def test_the_dockerfile_is_what_the_brief_asks_for() -> None:
     assert re.search(r"^FROM python:3\.11-slim", text, re.M)
     assert re.search(r"^USER failgate$", text, re.M) and "useradd --system" in text
     assert re.search(r"^EXPOSE 8080 9901$", text, re.M)
-    assert "HEALTHCHECK" in text and "/healthz" in text
+    health = re.search(r"^  CMD (\[.*\])$", text, re.M)
+    assert health is not None and json.loads(health.group(1)) == ["failgate", "health", "-c",
+                                                                  "/etc/failgate/failgate.yaml"]
+    assert re.search(r'^VOLUME \["/var/lib/failgate"\]$', text, re.M)
+    assert "-e UPSTREAM_URL=" in text  # the image's own example names every variable its config needs
     entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
     assert entry == ["failgate"]  # exec form: signals reach Failgate
     assert "COPY config/docker.yaml /etc/failgate/failgate.yaml" in text
@@ -123,11 +127,11 @@ async def test_the_image_install_and_start_commands_run(tmp_path: Path) -> None:
             assert status == 200
             async with s.post(f"http://127.0.0.1:{admin}/reload", json={}) as r:
                 assert r.status == 401  # admin on 0.0.0.0: the token is required
-        health = re.search(r'CMD \["python", "-c", "(.*)"\]', (ROOT / "Dockerfile").read_text())
-        assert health is not None
-        probe = health.group(1).replace("9901", str(admin))
-        assert subprocess.run([str(venv / "bin" / "python"), "-c", probe], timeout=30).returncode == 0
+        health = [str(venv / "bin" / "failgate"), "health", "-c", str(cfg)]  # the HEALTHCHECK, at this config
+        assert subprocess.run(health, env=env, timeout=30, capture_output=True).returncode == 0
         assert (tmp_path / "last-good.yaml").exists()
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+    stopped = subprocess.run(health, env=env, timeout=30, capture_output=True, text=True)
+    assert stopped.returncode == 1 and "not ready" in stopped.stderr
