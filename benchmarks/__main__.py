@@ -7,8 +7,8 @@ import json
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
+    parser = argparse.ArgumentParser(prog=prog)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("load", help="load-test a URL (closed loop by default, open loop with --rate)")
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("suite", help="measure Failgate against direct and a reference proxy, healthy and in outages")
     p.add_argument("--quick", action="store_true", help="short runs (under 3 minutes)")
-    p.add_argument("--out", default="benchmarks/results", help="directory for the Markdown and JSON results")
+    p.add_argument("--out", default="failgate-bench",
+                   help="directory for the Markdown and JSON results (default ./failgate-bench; created)")
     p.add_argument("--only", default=None, help="comma-separated scenario names to run")
 
     args = parser.parse_args(argv)
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
             headers.append((name.strip(), value.strip()))
         if args.procs < 1 or args.concurrency < args.procs:
             parser.error("--concurrency must be at least --procs, and --procs at least 1")
-        opts = Options(args.url, args.concurrency, args.duration, args.rate, headers, args.method.upper(),
-                       args.body.encode(), args.procs, args.warmup, progress=not args.json and sys.stderr.isatty())
+        opts = Options(args.url, concurrency=args.concurrency, duration=args.duration, rate=args.rate,
+                       headers=headers, method=args.method.upper(), body=args.body.encode(), procs=args.procs,
+                       warmup=args.warmup, progress=not args.json and sys.stderr.isatty())
         result = run_load(opts)
         if args.json:
             print(json.dumps(result.summary(), indent=2))

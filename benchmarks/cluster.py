@@ -58,7 +58,7 @@ def main() -> int:
                 return p
 
             up = free_port()
-            spawn([sys.executable, "-m", "benchmarks.upstream", str(up)], up)
+            spawn([sys.executable, "-m", f"{__package__}.upstream", str(up)], up)
             single = free_port()
             spawn([redis_server, "--port", str(single), "--save", "", "--dir", work], single)
             masters = [free_port() for _ in range(3)]

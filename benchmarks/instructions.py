@@ -91,10 +91,10 @@ def main() -> int:
 
     try:
         up = _port()
-        spawn([py, "-m", "benchmarks.upstream", str(up)], up)
+        spawn([py, "-m", f"{__package__}.upstream", str(up)], up)
         three = [_port() for _ in range(3)]  # a three-target upstream, to weigh balancing against one target
         for p in three:
-            spawn([py, "-m", "benchmarks.upstream", str(p)], p)
+            spawn([py, "-m", f"{__package__}.upstream", str(p)], p)
         rport = _port()
         spawn([shutil.which("redis-server") or "redis-server", "--port", str(rport), "--save", "", "--appendonly",
                "no", "--dir", str(work)], rport)
@@ -109,11 +109,11 @@ def main() -> int:
         ref_port = _port()
         out = work / "ref.cg"
         ref = spawn(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                     py, "-m", "benchmarks.refproxy", str(ref_port), f"http://127.0.0.1:{up}"], ref_port)
+                     py, "-m", f"{__package__}.refproxy", str(ref_port), f"http://127.0.0.1:{up}"], ref_port)
         ref2_port = _port()
         out2 = work / "ref2.cg"
         ref2 = spawn(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out2}",
-                      py, "-m", "benchmarks.refproxy", str(ref2_port), f"http://127.0.0.1:{up}",
+                      py, "-m", f"{__package__}.refproxy", str(ref2_port), f"http://127.0.0.1:{up}",
                       f"redis://127.0.0.1:{rport}/0"], ref2_port)
         fg_port, fg_admin = _port(), _port()
         cfg = work / "failgate.yaml"

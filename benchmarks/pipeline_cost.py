@@ -135,7 +135,7 @@ def count_instructions(batches: int) -> None:
             totals = []
             for n in (batches, 3 * batches):
                 done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                                       sys.executable, "-m", "benchmarks.pipeline_cost", "--one", store, path,
+                                       sys.executable, "-m", f"{__package__}.pipeline_cost", "--one", store, path,
                                        "--batches", str(n)], capture_output=True, text=True, check=True)
                 found = re.search(r"Collected : (\d+)", done.stderr)
                 assert found, done.stderr[-2000:]

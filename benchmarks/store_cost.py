@@ -129,7 +129,7 @@ def count_instructions(levels: list[int], calls: int) -> None:
                     for n in (calls, 3 * calls):
                         done = subprocess.run(
                             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.out",
-                             sys.executable, "-m", "benchmarks.store_cost", "--one", kind, "--url", url,
+                             sys.executable, "-m", f"{__package__}.store_cost", "--one", kind, "--url", url,
                              "--concurrency", str(c), "--calls", str(n)],
                             capture_output=True, text=True, check=True)
                         found = re.search(r"Collected : (\d+)", done.stderr)

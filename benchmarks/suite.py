@@ -213,7 +213,7 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
     py = sys.executable
     print(f"Failgate benchmark suite ({'quick' if quick else 'full'}), work dir {workdir}")
     try:
-        up = bench.spawn("upstream", [py, "-m", "benchmarks.upstream", str(p := _port())], p)
+        up = bench.spawn("upstream", [py, "-m", f"{__package__}.upstream", str(p := _port())], p)
         redis_port = _port()
         redis_args = [shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--bind",
                       "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
@@ -221,7 +221,7 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
         fault_port = _port()
         fault = bench.spawn("faultproxy", [py, "-m", "tests.faultproxy", str(fault_port), str(redis_port)],
                             fault_port, stdin=True)
-        ref = bench.spawn("reference", [py, "-m", "benchmarks.refproxy", str(p := _port()),
+        ref = bench.spawn("reference", [py, "-m", f"{__package__}.refproxy", str(p := _port()),
                                         f"http://127.0.0.1:{up.port}"], p)
         cfg = workdir / "failgate.yaml"
         fg_port, fg_admin = _port(), _port()
@@ -297,6 +297,7 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
         return 0
     finally:
         bench.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)  # (logs worth keeping are in the results)
 
 
 def _timeline(bench: Bench, base: str, switch: Callable[[str], Callable[[], None]]) -> dict[str, Any]:
@@ -324,12 +325,12 @@ def _timeline(bench: Bench, base: str, switch: Callable[[str], Callable[[], None
     t.join()
     s = result.summary()
     # where the outage really fell on the measured timeline
-    hang_at = round(switched[0] - result.started_wall, 1)
-    hang_for = round(switched[1] - switched[0], 1)
+    fell_at = round(switched[0] - result.started_wall, 1)
+    fell_for = round(switched[1] - switched[0], 1)
     print("  second  req/s  p99(ms)  degraded")
     for sec in s["timeline"]:
         print(f"  {sec['second']:>6} {sec['n']:>6} {sec['p99_us'] / 1000:>8.2f} {sec['degraded']:>9}")
-    return {"rate": rate, "hang_at": hang_at, "hang_for": hang_for, "summary": s}
+    return {"rate": rate, "hang_at": fell_at, "hang_for": fell_for, "summary": s}
 
 
 def _ratios(rows: list[Row]) -> None:

@@ -78,7 +78,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="failgate-ws-") as work:
         try:
             up, fg, admin = free_port(), free_port(), free_port()
-            procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.websocket", "--echo", str(up)],
+            procs.append(subprocess.Popen([sys.executable, "-m", f"{__package__}.websocket", "--echo", str(up)],
                                           cwd=ROOT))
             cfg = Path(work) / "failgate.yaml"
             cfg.write_text(f"""version: 1

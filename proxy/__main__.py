@@ -10,7 +10,8 @@ import sys
 from . import __version__
 from .config import ConfigError, load_file
 
-DEFAULT_CONFIG = "config/failgate.yaml"
+# In a checkout, its example; anywhere else, what `failgate init` writes.
+DEFAULT_CONFIG = "config/failgate.yaml" if os.path.exists("config/failgate.yaml") else "failgate.yaml"
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -135,6 +136,40 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a commented starter config (the bundled example) in the current directory; never overwrite."""
+    from importlib import resources
+
+    target = args.path
+    if os.path.exists(target):
+        print(f"error: {target} exists; not overwriting it (give another path: failgate init OTHER.yaml)",
+              file=sys.stderr)
+        return 1
+    text = resources.files("proxy").joinpath("resources/examples/failgate.yaml").read_text()
+    with open(target, "x") as f:
+        f.write(text)
+    examples = resources.files("proxy").joinpath("resources/examples")
+    print(f"""wrote {target}: an API with a public search, payments and an admin area, each with its fail mode.
+Next:
+  failgate check {target}            # what it will do, route by route
+  failgate run -c {target}           # serve it (point `upstreams` at your services first)
+  failgate keys add -c {target} --principal alice --scopes payments:write   # an API key (a redis:// store)
+  failgate bench load http://127.0.0.1:8080/search -c 64 -d 10   # load-test it
+More examples: {", ".join(sorted(p.name for p in examples.iterdir() if p.name != "failgate.yaml"))} in
+{examples} — and README.md.""")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The bundled benchmarks (`failgate bench load|suite …`): `failgate_bench` when installed from the wheel,
+    the checkout's `benchmarks` when run from a checkout."""
+    try:
+        from failgate_bench.__main__ import main as bench
+    except ImportError:
+        from benchmarks.__main__ import main as bench
+    return bench(args.rest, prog="failgate bench")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -180,6 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     k = keys_sub.add_parser("migrate", help="move records copied from a single Redis to a Cluster's layout")
     k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("init", help="write a commented starter failgate.yaml here (never overwrites)")
+    p.add_argument("path", nargs="?", default="failgate.yaml")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("bench", help="the bundled benchmarks: bench load URL …, bench suite [--quick] [--out DIR]",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("health", help="exit 0 when the running instance is ready (for a container HEALTHCHECK)")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")

@@ -10,14 +10,16 @@ import re
 import subprocess
 import sys
 import typing
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
 
 from proxy.config.schema import Config
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_port, until
 
 EXAMPLES = sorted((ROOT / "config" / "examples").glob("*.yaml"))
 
@@ -135,3 +137,56 @@ async def test_the_image_install_and_start_commands_run(tmp_path: Path) -> None:
         assert proc.wait(30) == 0
     stopped = subprocess.run(health, env=env, timeout=30, capture_output=True, text=True)
     assert stopped.returncode == 1 and "not ready" in stopped.stderr
+
+
+@pytest.mark.slow
+async def test_the_wheel_works_outside_the_checkout(tmp_path: Path, upstream: Any) -> None:
+    """Build the wheel, install it in a fresh environment, and use it from a directory that is not the checkout:
+    the version, a starter config, its strict check, the bundled load generator, and the demo."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--wheel-dir", str(wheels), str(ROOT)],
+                   check=True, timeout=300)
+    [wheel] = wheels.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+    assert "proxy/resources/examples/failgate.yaml" in names and "failgate_bench/load.py" in names
+    assert not any(n.startswith(("benchmarks/", "tests/")) for n in names)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, timeout=600)
+    home = tmp_path / "elsewhere"
+    home.mkdir()
+    fg = str(venv / "bin" / "failgate")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([fg, *args], cwd=home, capture_output=True, text=True, timeout=120)
+
+    assert run("--version").stdout.strip() == "failgate 0.1.0"
+    made = run("init")
+    assert made.returncode == 0 and "failgate check failgate.yaml" in made.stdout
+    assert (home / "failgate.yaml").read_text() == (ROOT / "config" / "failgate.yaml").read_text()
+    assert run("init").returncode == 1  # never overwrites
+    checked = run("check", "--strict", "failgate.yaml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    load = await asyncio.to_thread(run, "bench", "load", upstream.url + "/x", "-c", "4", "-d", "1", "-w", "0",
+                                   "--json")
+    assert load.returncode == 0, load.stderr
+    summary = json.loads(load.stdout)
+    assert summary["requests"] > 0 and summary["statuses"] == {"200": summary["requests"]}
+    assert sorted(p.name for p in home.iterdir()) == ["failgate.yaml"]  # nothing else written here
+    demo = subprocess.Popen([fg, "demo"], cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def ready() -> bool:
+                try:
+                    async with s.get("http://127.0.0.1:9901/readyz") as r:
+                        return r.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await until("the demo is ready", ready, timeout=60)
+            async with s.get("http://127.0.0.1:8080/public/x") as r:
+                assert r.status == 200
+    finally:
+        demo.terminate()
+        assert demo.wait(30) == 0
