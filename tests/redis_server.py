@@ -13,8 +13,22 @@ from pathlib import Path
 from tests.helpers import free_port
 
 
+def raw_command(port: int, args: tuple[str, ...] | list[str], password: str | None = None) -> bytes:
+    def pack(parts: tuple[str, ...] | list[str]) -> str:
+        return f"*{len(parts)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in parts)
+
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        if password is not None:
+            s.sendall(pack(["AUTH", password]).encode())
+            assert s.recv(1 << 10).startswith(b"+OK")
+        s.sendall(pack(args).encode())
+        return s.recv(1 << 16)
+
+
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None,
+                 password: str | None = None) -> None:
+        self.password = password
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -46,11 +60,9 @@ class RedisServer:
         raise AssertionError(f"redis-server did not start on port {self.port}")
 
     def command(self, *args: str) -> bytes:
-        """One command over a fresh socket; returns the raw reply (for set-up and assertions)."""
-        payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(payload.encode())
-            return s.recv(1 << 16)
+        """One command over a fresh socket (after AUTH when `password` is set); returns the raw reply (for set-up
+        and assertions)."""
+        return raw_command(self.port, args, self.password)
 
     def calls(self, command: str) -> int:
         """How many times this server ran `command` (INFO commandstats; 0 when never)."""

@@ -4,19 +4,20 @@ process on a loopback port, so a test can SIGKILL the master and watch the senti
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 from tests.helpers import free_port
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, raw_command
 
 MASTER = "failgate-master"
 
 
 class Sentinel:
-    def __init__(self, workdir: Path, master_port: int) -> None:
+    def __init__(self, workdir: Path, master_port: int, password: str | None = None,
+                 master_password: str | None = None) -> None:
+        self.password = password
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -26,7 +27,9 @@ class Sentinel:
             f"sentinel monitor {MASTER} 127.0.0.1 {master_port} 2\n"
             f"sentinel down-after-milliseconds {MASTER} 500\n"
             f"sentinel failover-timeout {MASTER} 5000\n"
-            f"sentinel parallel-syncs {MASTER} 1\n")
+            f"sentinel parallel-syncs {MASTER} 1\n"
+            + (f"requirepass {password}\n" if password else "")
+            + (f"sentinel auth-pass {MASTER} {master_password}\n" if master_password else ""))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Sentinel:
@@ -37,10 +40,7 @@ class Sentinel:
         return self
 
     def command(self, *args: str) -> bytes:
-        payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(payload.encode())
-            return s.recv(1 << 16)
+        return raw_command(self.port, args, self.password)
 
     def master_port(self) -> int | None:
         try:
@@ -57,16 +57,23 @@ class Sentinel:
 
 
 class SentinelSet:
-    def __init__(self, workdir: Path) -> None:
-        self.master = RedisServer(workdir / "master")
-        self.replica = RedisServer(workdir / "replica",
-                                   extra=["--replicaof", "127.0.0.1", str(self.master.port)])
-        self.sentinels = [Sentinel(workdir / f"sentinel{i}", self.master.port) for i in range(3)]
+    """`password`: the data nodes' (requirepass, masterauth); `sentinel_password`: the sentinels' own."""
+
+    def __init__(self, workdir: Path, password: str | None = None, sentinel_password: str | None = None) -> None:
+        auth = ["--requirepass", password, "--masterauth", password] if password else []
+        self.password, self.sentinel_password = password, sentinel_password
+        self.master = RedisServer(workdir / "master", extra=auth, password=password)
+        self.replica = RedisServer(workdir / "replica", extra=["--replicaof", "127.0.0.1", str(self.master.port),
+                                                                *auth], password=password)
+        self.sentinels = [Sentinel(workdir / f"sentinel{i}", self.master.port, sentinel_password, password)
+                          for i in range(3)]
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{MASTER}/0"
+        auth = f":{self.password}@" if self.password else ""
+        query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
+        return f"redis+sentinel://{auth}{hosts}/{MASTER}/0{query}"
 
     def start(self) -> SentinelSet:
         self.master.start()

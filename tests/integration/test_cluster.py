@@ -117,6 +117,33 @@ async def test_api_keys_in_every_bucket_and_their_revocation(tmp_path: Path, ups
     assert "Traceback" not in p.log()
 
 
+async def test_a_key_in_each_of_the_256_buckets_is_found(tmp_path: Path, upstream: Upstream,
+                                                         cluster: ClusterSet) -> None:
+    """One key per bucket (records written in the bucketed layout, as `failgate keys add` writes them): every
+    bucket's record and marker are read from the master that holds both."""
+    import secrets
+
+    from redis.cluster import ClusterNode, RedisCluster
+
+    cfg = write_config(tmp_path, upstream, cluster)
+    add(load_file(str(cfg)), "first", [], None)  # (every bucket's marker)
+    keys: dict[str, str] = {}
+    while len(keys) < 256:
+        k = secrets.token_urlsafe(32)
+        keys.setdefault(digest_of(k)[:2], k)
+    client = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", cluster.nodes[0].port)])
+    for bucket, k in keys.items():
+        client.set(record_key("failgate:", digest_of(k), True), f'{{"principal":"b-{bucket}","scopes":[]}}')
+    client.close()
+    p = await started(cfg)
+    try:
+        for k in keys.values():
+            r = await raw_request(p.port, "/pay", headers={"Authorization": k})
+            assert (r.status, r.headers.get("failgate-degraded")) == (200, None)
+    finally:
+        p.stop()
+
+
 async def test_a_dead_master_fails_only_its_own_slots(tmp_path: Path, upstream: Upstream,
                                                      cluster: ClusterSet) -> None:
     p = await started(write_config(tmp_path, upstream, cluster))
@@ -139,7 +166,16 @@ async def test_a_dead_master_fails_only_its_own_slots(tmp_path: Path, upstream: 
         await until("traffic flows", lambda: len(seen) > 300)
         killed = time.monotonic()
         victim.kill()
-        await until("a replica took over its slots", cluster.ok, timeout=30)
+        breakers: dict[str, set[str]] = {}
+
+        async def watched() -> bool:  # every node's breaker as /readyz shows it, until a replica took over
+            for n in (await p.readyz()).get("nodes", []):
+                breakers.setdefault(n["node"], set()).add(n["breaker"])
+            return cluster.ok()
+
+        await until("a replica took over its slots", watched, timeout=30)
+        victim_breaker_opened = "open" in breakers.get(f"127.0.0.1:{victim.port}", set())
+        other_breakers = set().union(*(b for node, b in breakers.items() if node != f"127.0.0.1:{victim.port}"))
 
         def back() -> bool:
             return any(sent > killed + 0.5 and c in on_victim and not tag for sent, c, _, tag in seen[-200:])
@@ -150,6 +186,7 @@ async def test_a_dead_master_fails_only_its_own_slots(tmp_path: Path, upstream: 
     finally:
         p.stop()
     assert "Traceback" not in p.log()
+    assert victim_breaker_opened and other_breakers == {"closed"}  # only the dead master's breaker opened
     assert {status for _, _, status, _ in seen} <= {200, 429, 503}
     others = [(status, tag) for sent, c, status, tag in seen if c not in on_victim and sent > killed]
     assert others and [tag for _, tag in others if tag] == []  # the other masters' checks never degraded

@@ -113,11 +113,22 @@ async def test_the_master_killed_under_load_is_followed_to_the_promoted_replica(
     assert "Traceback" not in p.log()
 
 
+@pytest.fixture(params=["open", "passwords"])
+def planned(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SentinelSet]:
+    """A Sentinel set as is, or with passwords on the data nodes and on the sentinels (sentinel_password)."""
+    protected = request.param == "passwords"
+    s = SentinelSet(tmp_path / "sentinel", password="data-pw" if protected else None,
+                    sentinel_password="sentinel-pw" if protected else None).start()
+    yield s
+    s.stop()
+
+
 async def test_a_planned_failover_moves_every_worker_off_the_demoted_master(
-        tmp_path: Path, upstream: Upstream, sentinels: SentinelSet) -> None:
+        tmp_path: Path, upstream: Upstream, planned: SentinelSet) -> None:
     """`SENTINEL FAILOVER`: the old master stays up and becomes a replica — connections to it stay open and would
     answer READONLY. Every worker moves to the new master (the switch message, or the READONLY reply), and the
     demoted one gets nothing more."""
+    sentinels = planned
     cfg = tmp_path / "failgate.yaml"
     cfg.write_text(config_text(upstream.url, ROUTES, extra=f"workers: 2\nstore: {{url: '{sentinels.url}', "
                                "timeout: 100ms, connect_timeout: 300ms, breaker: {failures: 3, open_for: 500ms}}\n"))

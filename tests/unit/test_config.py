@@ -323,3 +323,24 @@ def test_workers_auto_respects_a_container_cpu_quota(tmp_path: Path) -> None:
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert resolve_workers("auto", str(tmp_path)) == 1
     assert resolve_workers(3, str(tmp_path)) == 3
+
+
+async def test_a_websocket_tunnel_on_a_route_with_auth_lasts_an_hour_unless_told() -> None:
+    from proxy.compiled import Runtime
+    from proxy.config import load_text
+    from proxy.store.breaker import Breaker, BreakerStore
+    from proxy.store.memory import MemoryStore
+
+    text = """version: 1
+upstreams:
+  api: {url: "http://127.0.0.1:8000"}
+  short: {url: "http://127.0.0.1:8001", websocket_max_duration: 5m}
+routes:
+  - {name: keyed, match: {path: /k}, upstream: api, auth: {type: api_key, on_store_error: closed}}
+  - {name: free, match: {path: /f}, upstream: api}
+  - {name: told, match: {path: /t}, upstream: short, auth: {type: api_key, on_store_error: closed}}
+"""
+    rt = Runtime(load_text(text, "t.yaml"), BreakerStore(MemoryStore(), Breaker(5, 2.0)))
+    durations = {path: rt.router.match("GET", None, path).websocket_max_duration  # type: ignore[union-attr]
+                 for path in ("/k", "/f", "/t")}
+    assert durations == {"/k": 3600.0, "/f": None, "/t": 300.0}
