@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import peers
 from .load import Options, Result, competing_warning, run_load
 from .ports import free_port as _port
 
@@ -51,10 +52,11 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     port: int
+    serving_pid: int | None = None  # the process whose CPU is measured, when not the one started (nginx's worker)
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.serving_pid or self.popen.pid
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Bench:
     workdir: Path
     procs: dict[str, Proc] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
+    wrk: list[tuple[str, int, float, float]] = field(default_factory=list)  # (scenario, c, generator rps, wrk rps)
 
     @property
     def duration(self) -> float:
@@ -219,7 +222,7 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
                       "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
         bench.spawn("redis", redis_args, redis_port)
         fault_port = _port()
-        fault = bench.spawn("faultproxy", [py, "-m", "tests.faultproxy", str(fault_port), str(redis_port)],
+        fault = bench.spawn("faultproxy", [py, "-m", f"{__package__}.faultproxy", str(fault_port), str(redis_port)],
                             fault_port, stdin=True)
         ref = bench.spawn("reference", [py, "-m", f"{__package__}.refproxy", str(p := _port()),
                                         f"http://127.0.0.1:{up.port}"], p)
@@ -227,7 +230,10 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
         fg_port, fg_admin = _port(), _port()
         _failgate_config(cfg, fg_port, fg_admin, up.port, f"redis://127.0.0.1:{fault_port}/0")
         bench.spawn("failgate", [py, "-m", "proxy", "run", "-c", str(cfg)], fg_port)
-        nginx = shutil.which("nginx")
+        nginx = peers.nginx()
+        if nginx is not None:
+            ng = bench.spawn("nginx", peers.nginx_command(workdir, p := _port(), up.port, redis_port), p)
+            ng.serving_pid = peers.worker_of(ng.popen.pid)
         base = f"http://127.0.0.1:{fg_port}"
 
         def want(name: str) -> bool:
@@ -239,8 +245,13 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
                 bench.measure("direct", f"http://127.0.0.1:{up.port}/", concurrency=c, servers=("upstream",))
         if want("reference"):
             bench.measure("reference proxy (aiohttp)", f"http://127.0.0.1:{ref.port}/", servers=("reference",))
-        if nginx is None and want("nginx"):
-            print("  nginx proxy_pass: skipped (nginx is not installed)")
+        if want("nginx"):
+            if nginx is None:
+                print("  nginx: skipped (install Debian's nginx and libnginx-mod-http-lua to compare)")
+            else:
+                ng_base = f"http://127.0.0.1:{bench.procs['nginx'].port}"
+                bench.measure("nginx proxy_pass", ng_base + "/pass", servers=("nginx",))
+                bench.measure("nginx + Lua + Redis limiter", ng_base + "/rl", servers=("nginx", "redis"))
         if want("passthrough"):
             for c in (64, 8, 1):
                 bench.measure("failgate passthrough", base + "/pass", concurrency=c, servers=("failgate",))
@@ -288,6 +299,8 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
                           headers=bearer)
             bench.spawn("redis", redis_args, redis_port)
 
+        if want("wrk"):
+            cross_check(bench)
         timeline = None
         if want("timeline"):
             timeline = _timeline(bench, base, switch)
@@ -333,6 +346,21 @@ def _timeline(bench: Bench, base: str, switch: Callable[[str], Callable[[], None
     return {"rate": rate, "hang_at": fell_at, "hang_for": fell_for, "summary": s}
 
 
+def cross_check(bench: Bench) -> None:
+    """wrk (a client nobody here wrote) on the healthy 64-connection rows that need no headers: its req/s beside
+    the generator's, so a flaw in the generator cannot hide."""
+    if shutil.which("wrk") is None:
+        print("  wrk cross-check: skipped (wrk is not installed)")
+        return
+    print("wrk cross-check (64 connections):")
+    for row in [r for r in bench.rows if r.concurrency == 64 and not r.note and not r.result["degraded"]
+                and not r.scenario.startswith(("failgate auth", "store "))]:
+        rps = peers.wrk_rps(row.target, 64, bench.duration)
+        if rps is not None:
+            bench.wrk.append((row.scenario, 64, row.result["rps"], rps))
+            print(f"  {row.scenario:<34} generator {row.result['rps']:>9.0f} req/s   wrk {rps:>9.0f} req/s")
+
+
 def _ratios(rows: list[Row]) -> None:
     direct = {r.concurrency: r.result["rps"] for r in rows if r.scenario == "direct"}
     for r in rows:
@@ -366,6 +394,10 @@ def _write(bench: Bench, out: Path, timeline: dict[str, Any] | None) -> list[Pat
         lines.append(f"| {r.scenario} | {r.concurrency} | {r.result['rps']:.0f} | "
                      f"{r.ratio if r.ratio is not None else ''} | {lat['p50'] / 1000:.2f} | {lat['p99'] / 1000:.2f} | "
                      f"{cpu} | {r.result['statuses']} | {r.result['degraded'] or ''} |")
+    if bench.wrk:
+        lines += ["", "## Cross-check with wrk", "", "| scenario | c | generator req/s | wrk req/s |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {c} | {ours:.0f} | {theirs:.0f} |" for name, c, ours, theirs in bench.wrk]
     png = None
     if timeline is not None:
         lines += ["", "## Outage timeline", "",
@@ -380,7 +412,7 @@ def _write(bench: Bench, out: Path, timeline: dict[str, Any] | None) -> list[Pat
     md = out / f"suite-{stamp}.md"
     md.write_text("\n".join(lines) + "\n")
     data = {"stamp": stamp, "machine": machine, "quick": bench.quick, "duration": bench.duration,
-            "rows": [r.__dict__ for r in bench.rows], "timeline": timeline}
+            "rows": [r.__dict__ for r in bench.rows], "wrk": bench.wrk, "timeline": timeline}
     js = out / f"suite-{stamp}.json"
     js.write_text(json.dumps(data, indent=1, default=str))
     shutil.copyfile(md, out / "latest.md")

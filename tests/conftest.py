@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from tests.faultproxy import FaultProxy
+from benchmarks.faultproxy import FaultProxy
 from tests.helpers import Upstream
 from tests.redis_server import RedisServer
 

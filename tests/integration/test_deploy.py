@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import typing
@@ -190,3 +191,28 @@ async def test_the_wheel_works_outside_the_checkout(tmp_path: Path, upstream: An
     finally:
         demo.terminate()
         assert demo.wait(30) == 0
+
+
+@pytest.mark.slow
+def test_the_suite_compares_with_nginx_and_writes_only_where_told(tmp_path: Path) -> None:
+    from benchmarks import peers
+
+    done = subprocess.run([sys.executable, "-m", "proxy", "bench", "suite", "--quick", "--only",
+                           "direct,reference,nginx,wrk", "--out", "results"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # nothing else written here
+    report = (tmp_path / "results" / "latest.md").read_text()
+    if peers.nginx() is not None:  # (tests/run installs nginx and its Lua module)
+        assert "| nginx proxy_pass | 64 |" in report and "| nginx + Lua + Redis limiter | 64 |" in report
+        data = json.loads((tmp_path / "results" / "latest.json").read_text())
+        limiter = next(r for r in data["rows"] if r["scenario"] == "nginx + Lua + Redis limiter")
+        assert limiter["result"]["statuses"] == {"200": limiter["result"]["requests"]}
+        assert limiter["cpu_us"]["redis"] > 0  # it did count in Redis
+    else:
+        assert "nginx: skipped" in done.stdout
+    if shutil.which("wrk") is not None:
+        assert "## Cross-check with wrk" in report
+    assert "work dir" in done.stdout
+    workdir = re.search(r"work dir (\S+)", done.stdout).group(1)  # type: ignore[union-attr]
+    assert not Path(workdir).exists()  # the suite removed its temporary directory

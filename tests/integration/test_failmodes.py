@@ -12,8 +12,8 @@ from pathlib import Path
 
 import aiohttp
 
+from benchmarks.faultproxy import FaultProxy
 from proxy.observe.metrics import REGISTRY
-from tests.faultproxy import FaultProxy
 from tests.helpers import InProcessProxy, ProxyProcess, Upstream, config_text, raw_request
 from tests.redis_server import RedisServer
 

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from benchmarks.faultproxy import FaultProxy
 from proxy.checks import algorithms
 from proxy.store import GetOp, RateOp, StoreUnavailable
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
-from tests.faultproxy import FaultProxy
 from tests.helpers import until
 from tests.redis_server import RedisServer
 

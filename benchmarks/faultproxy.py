@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from tests.helpers import free_port
+from .ports import free_port
 
 
 class FaultProxy:
