@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -13,11 +14,15 @@ from pathlib import Path
 from tests.helpers import free_port
 
 
-def raw_command(port: int, args: tuple[str, ...] | list[str], password: str | None = None) -> bytes:
+def raw_command(port: int, args: tuple[str, ...] | list[str], password: str | None = None,
+                tls_ca: Path | None = None) -> bytes:
     def pack(parts: tuple[str, ...] | list[str]) -> str:
         return f"*{len(parts)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in parts)
 
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=2)
+    if tls_ca is not None:
+        raw = ssl.create_default_context(cafile=str(tls_ca)).wrap_socket(raw, server_hostname="127.0.0.1")
+    with raw as s:
         if password is not None:
             s.sendall(pack(["AUTH", password]).encode())
             assert s.recv(1 << 10).startswith(b"+OK")
@@ -27,8 +32,9 @@ def raw_command(port: int, args: tuple[str, ...] | list[str], password: str | No
 
 class RedisServer:
     def __init__(self, workdir: Path, port: int | None = None, extra: list[str] | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, tls_ca: Path | None = None) -> None:
         self.password = password
+        self.tls_ca = tls_ca  # commands over TLS, trusting this CA (a server with --port 0 --tls-port …)
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -62,7 +68,7 @@ class RedisServer:
     def command(self, *args: str) -> bytes:
         """One command over a fresh socket (after AUTH when `password` is set); returns the raw reply (for set-up
         and assertions)."""
-        return raw_command(self.port, args, self.password)
+        return raw_command(self.port, args, self.password, self.tls_ca)
 
     def calls(self, command: str) -> int:
         """How many times this server ran `command` (INFO commandstats; 0 when never)."""

@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.certs import CA
 from tests.helpers import free_port
 from tests.redis_server import RedisServer, raw_command
 
@@ -16,7 +17,7 @@ MASTER = "failgate-master"
 
 class Sentinel:
     def __init__(self, workdir: Path, master_port: int, password: str | None = None,
-                 master_password: str | None = None) -> None:
+                 master_password: str | None = None, tls: list[str] | None = None) -> None:
         self.password = password
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -29,7 +30,8 @@ class Sentinel:
             f"sentinel failover-timeout {MASTER} 5000\n"
             f"sentinel parallel-syncs {MASTER} 1\n"
             + (f"requirepass {password}\n" if password else "")
-            + (f"sentinel auth-pass {MASTER} {master_password}\n" if master_password else ""))
+            + (f"sentinel auth-pass {MASTER} {master_password}\n" if master_password else "")
+            + ("".join(f"{k} {v}\n" for k, v in zip(tls[0::2], tls[1::2], strict=True)) if tls else ""))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Sentinel:
@@ -59,21 +61,39 @@ class Sentinel:
 class SentinelSet:
     """`password`: the data nodes' (requirepass, masterauth); `sentinel_password`: the sentinels' own."""
 
-    def __init__(self, workdir: Path, password: str | None = None, sentinel_password: str | None = None) -> None:
+    def __init__(self, workdir: Path, password: str | None = None, sentinel_password: str | None = None,
+                 tls: bool = False) -> None:
         auth = ["--requirepass", password, "--masterauth", password] if password else []
         self.password, self.sentinel_password = password, sentinel_password
-        self.master = RedisServer(workdir / "master", extra=auth, password=password)
-        self.replica = RedisServer(workdir / "replica", extra=["--replicaof", "127.0.0.1", str(self.master.port),
-                                                                *auth], password=password)
-        self.sentinels = [Sentinel(workdir / f"sentinel{i}", self.master.port, sentinel_password, password)
-                          for i in range(3)]
+        self.ca = None
+        tls_args: list[str] = []  # the data nodes speak TLS only; the sentinels reach them over TLS
+        if tls:
+            workdir.mkdir(parents=True, exist_ok=True)
+            self.ca = CA(workdir)
+            leaf = self.ca.issue("redis")
+            tls_args = ["tls-cert-file", str(leaf.cert), "tls-key-file", str(leaf.key), "tls-ca-cert-file",
+                        str(self.ca.cert), "tls-auth-clients", "no", "tls-replication", "yes"]
+        node = [f"--{a}" if i % 2 == 0 else a for i, a in enumerate(tls_args)]
+        ports = [free_port(), free_port()]
+        plain = (lambda p: ["--port", "0", "--tls-port", str(p)]) if tls else (lambda p: [])
+        ca_file = self.ca.cert if self.ca is not None else None
+        self.master = RedisServer(workdir / "master", port=ports[0], extra=[*auth, *node, *plain(ports[0])],
+                                  password=password, tls_ca=ca_file)
+        self.replica = RedisServer(workdir / "replica", port=ports[1],
+                                   extra=["--replicaof", "127.0.0.1", str(ports[0]), *auth, *node, *plain(ports[1])],
+                                   password=password, tls_ca=ca_file)
+        self.sentinels = [Sentinel(workdir / f"sentinel{i}", self.master.port, sentinel_password, password,
+                                   tls_args or None) for i in range(3)]
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
         auth = f":{self.password}@" if self.password else ""
-        query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
-        return f"redis+sentinel://{auth}{hosts}/{MASTER}/0{query}"
+        query = [f"sentinel_password={self.sentinel_password}"] if self.sentinel_password else []
+        if self.ca is not None:
+            query.append(f"ssl_ca_certs={self.ca.cert}")
+        scheme = "rediss+sentinel" if self.ca is not None else "redis+sentinel"
+        return f"{scheme}://{auth}{hosts}/{MASTER}/0" + ("?" + "&".join(query) if query else "")
 
     def start(self) -> SentinelSet:
         self.master.start()

@@ -90,8 +90,7 @@ class RedisStore:
             spec = parse_sentinel(url)
             self.locator = Locator(spec, connect_timeout)
             self.client = PipelinedClient(
-                Endpoint(username=spec.username, password=spec.password, db=spec.db,
-                         ssl=ssl.create_default_context() if spec.tls else None),
+                Endpoint(username=spec.username, password=spec.password, db=spec.db, ssl=spec.ssl_context()),
                 timeout=timeout, connect_timeout=connect_timeout, pool_size=pool_size, locate=self.locator.master)
             self._watch = SwitchWatch(spec, connect_timeout, lambda: self.client.rediscover("the master moved"))
             self._watch.start()

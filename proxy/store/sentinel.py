@@ -1,7 +1,8 @@
 """Redis Sentinel: where the master is, and following it through a failover.
 
 `redis+sentinel://[user:pass@]h1:26379,h2:26379,h3:26379/<master-name>/<db>` (`rediss+sentinel://` for TLS to the
-data nodes; `?sentinel_password=…` when the sentinels require one; user:pass are the data nodes').
+data nodes, `?ssl_ca_certs=FILE` for a private CA; `?sentinel_password=…` when the sentinels require one;
+user:pass are the data nodes').
 
 Discovery is redis-py's (`Sentinel.discover_master`: the first sentinel that knows a master it does not consider
 down). The hot path keeps its pipelined client (resp.py); each new connection of it asks where the master is, so
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,13 +48,20 @@ class SentinelUrl:
     password: str | None = None
     sentinel_password: str | None = None
     tls: bool = False
+    ca_certs: str | None = None  # rediss+sentinel: the CA file that signs the data nodes' certificates
 
     def master_kwargs(self) -> dict[str, Any]:
         """Connection settings for the data nodes, as redis-py's clients take them."""
         kw: dict[str, Any] = {"db": self.db, "username": self.username, "password": self.password}
         if self.tls:
             kw["ssl"] = True
+            if self.ca_certs:
+                kw["ssl_ca_certs"] = self.ca_certs
         return kw
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For the pipelined client's connections to the data nodes (rediss+sentinel)."""
+        return ssl.create_default_context(cafile=self.ca_certs) if self.tls else None
 
     def sentinel_kwargs(self, timeout: float) -> dict[str, Any]:
         return {"password": self.sentinel_password, "socket_timeout": timeout, "socket_connect_timeout": timeout}
@@ -84,11 +93,13 @@ def parse(url: str) -> SentinelUrl:
     if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ValueError("expected the path /<master-name>/<db>, with db a number")
     query = parse_qs(parts.query)
-    unknown = set(query) - {"sentinel_password"}
+    unknown = set(query) - {"sentinel_password", "ssl_ca_certs"}
     if unknown:
-        raise ValueError(f"unknown query parameter {sorted(unknown)[0]!r}; the one known is sentinel_password")
+        raise ValueError(f"unknown query parameter {sorted(unknown)[0]!r}; the known ones are sentinel_password and "
+                         "ssl_ca_certs")
     return SentinelUrl(tuple(sentinels), unquote(path[0]), int(path[1]) if len(path) == 2 else 0, username,
-                       password, query.get("sentinel_password", [None])[0], parts.scheme == "rediss+sentinel")
+                       password, query.get("sentinel_password", [None])[0], parts.scheme == "rediss+sentinel",
+                       query.get("ssl_ca_certs", [None])[0])
 
 
 class Locator:

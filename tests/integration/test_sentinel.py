@@ -113,12 +113,13 @@ async def test_the_master_killed_under_load_is_followed_to_the_promoted_replica(
     assert "Traceback" not in p.log()
 
 
-@pytest.fixture(params=["open", "passwords"])
+@pytest.fixture(params=["open", "passwords", "tls"])
 def planned(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SentinelSet]:
-    """A Sentinel set as is, or with passwords on the data nodes and on the sentinels (sentinel_password)."""
+    """A Sentinel set as is; with passwords on the data nodes and on the sentinels (sentinel_password); or with
+    data nodes that speak TLS only (rediss+sentinel, a private CA in ssl_ca_certs)."""
     protected = request.param == "passwords"
     s = SentinelSet(tmp_path / "sentinel", password="data-pw" if protected else None,
-                    sentinel_password="sentinel-pw" if protected else None).start()
+                    sentinel_password="sentinel-pw" if protected else None, tls=request.param == "tls").start()
     yield s
     s.stop()
 

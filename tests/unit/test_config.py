@@ -114,8 +114,8 @@ CASES = [
      "(in 'redis+sentinel://h:x/m/0')"),
     ("version: 1\nstore: {url: 'redis+sentinel://h:1/m/0?password=s'}\nupstreams: {a: {url: 'http://a'}}\n"
      "routes: []\n",
-     "f.yaml: store.url: unknown query parameter 'password'; the one known is sentinel_password "
-     "(in 'redis+sentinel://h:1/m/0?password=***')"),
+     "f.yaml: store.url: unknown query parameter 'password'; the known ones are sentinel_password and "
+     "ssl_ca_certs (in 'redis+sentinel://h:1/m/0?password=***')"),
     # --- several targets ---
     ("version: 1\nupstreams:\n  api: {timeout: 1s}\nroutes: []\n",
      "f.yaml: upstreams.api: expected either `url` (one target) or `targets` (a list of URLs), not neither"),
