@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
     p.add_argument("--out", default="failgate-bench",
                    help="directory for the Markdown and JSON results (default ./failgate-bench; created)")
     p.add_argument("--only", default=None, help="comma-separated scenario names to run")
+    p.add_argument("--pin", action="store_true",
+                   help="the proxy under test alone on one core, the generator and the rest on the others")
 
     args = parser.parse_args(argv)
     if args.command == "load":
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
         return 0
     from .suite import run_suite
 
-    return run_suite(quick=args.quick, out=args.out, only=args.only.split(",") if args.only else None)
+    return run_suite(quick=args.quick, out=args.out, only=args.only.split(",") if args.only else None, pin=args.pin)
 
 
 if __name__ == "__main__":

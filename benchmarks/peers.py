@@ -1,7 +1,7 @@
 """Peers measured in the same suite run, when their Debian packages are present: nginx with `proxy_pass`, and nginx
 with a Lua rate limiter that counts in Redis — the architecture of Kong's rate-limiting plugin with its redis
-policy (a fixed window: INCR and EXPIRE on one pooled connection per request, failing open when Redis cannot be
-reached). Both run one worker process, like the Failgate and reference proxy they are compared with, and `wrk`
+policy (a fixed window: INCRBY and EXPIRE pipelined on one pooled connection per request, failing open when Redis
+cannot be reached). Both run one worker process, like the Failgate and reference proxy they are compared with, and `wrk`
 (when present) cross-checks the generator's request rates.
 """
 
@@ -14,7 +14,27 @@ from pathlib import Path
 
 MODULES = Path("/usr/lib/nginx/modules")
 
-# A fixed window per client address in Redis, spoken over an nginx cosocket (Debian has no lua-resty-redis).
+RESTY_REDIS = Path("/usr/share/lua/5.1/nginx/redis.lua")  # Debian's lua-nginx-redis (lua-resty-redis)
+
+# A fixed window per client address in Redis, as Kong's rate-limiting plugin counts with its redis policy:
+# INCRBY and EXPIRE pipelined on a pooled connection, failing open when Redis cannot be reached. With
+# lua-resty-redis when Debian's lua-nginx-redis is installed; else the same two commands over a bare cosocket.
+_RESTY_LIMITER = r"""
+        access_by_lua_block {
+            local redis = require "nginx.redis"
+            local red = redis:new()
+            red:set_timeout(50)
+            local ok = red:connect("127.0.0.1", %(redis)d)
+            if not ok then return end  -- fail open, as Kong's fault_tolerant default does
+            local key = "rl:" .. ngx.var.remote_addr .. ":" .. math.floor(ngx.now() / 60)
+            red:init_pipeline()
+            red:incrby(key, 1)
+            red:expire(key, 60)
+            local results = red:commit_pipeline()
+            red:set_keepalive(10000, 64)
+            if results and tonumber(results[1]) and tonumber(results[1]) > 1000000000 then return ngx.exit(429) end
+        }
+"""
 _LIMITER = r"""
         access_by_lua_block {
             local sock = ngx.socket.tcp()
@@ -51,8 +71,11 @@ def nginx_command(workdir: Path, port: int, upstream: int, redis: int) -> list[s
               f"pid {workdir / 'nginx.pid'};", f"error_log {workdir / 'nginx-error.log'} warn;",
               "events { worker_connections 4096; }"]
     proxy = ("proxy_pass http://api; proxy_http_version 1.1; proxy_set_header Connection \"\";")
+    limiter = _RESTY_LIMITER if RESTY_REDIS.exists() else _LIMITER
+    package_path = f'lua_package_path "{RESTY_REDIS.parent.parent}/?.lua;;";' if RESTY_REDIS.exists() else ""
     http = f"""http {{
     access_log off;
+    {package_path}
     client_body_temp_path {temp}/body; proxy_temp_path {temp}/proxy; fastcgi_temp_path {temp}/fastcgi;
     uwsgi_temp_path {temp}/uwsgi; scgi_temp_path {temp}/scgi;
     upstream api {{ server 127.0.0.1:{upstream}; keepalive 64; }}
@@ -60,7 +83,7 @@ def nginx_command(workdir: Path, port: int, upstream: int, redis: int) -> list[s
         listen 127.0.0.1:{port} backlog=4096;
         location /pass {{ {proxy} }}
         location /rl {{
-{_LIMITER % {"redis": redis}}
+{limiter % {"redis": redis}}
             {proxy}
         }}
     }}

@@ -76,16 +76,20 @@ class Bench:
     workdir: Path
     procs: dict[str, Proc] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
+    pin_core: int | None = None  # --pin: the proxies under test run on this core, everything else on the others
     wrk: list[tuple[str, int, float, float]] = field(default_factory=list)  # (scenario, c, generator rps, wrk rps)
 
     @property
     def duration(self) -> float:
         return 3.0 if self.quick else 10.0
 
-    def spawn(self, name: str, args: list[str], port: int, stdin: bool = False) -> Proc:
+    def spawn(self, name: str, args: list[str], port: int, stdin: bool = False, under_test: bool = False) -> Proc:
+        """`under_test`: a proxy being measured — with --pin, on its own core."""
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115
+        core = self.pin_core if under_test else None
         p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)
+                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                             preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if core is not None else None)
         _wait_port(port)
         proc = Proc(name, p, port)
         self.procs[name] = proc
@@ -210,11 +214,19 @@ def _seed_key(redis_url: str) -> str:
     return key
 
 
-def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
+def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="failgate-bench-"))
     bench = Bench(quick, workdir)
     py = sys.executable
     print(f"Failgate benchmark suite ({'quick' if quick else 'full'}), work dir {workdir}")
+    if pin:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            print("  --pin: one core only; nothing pinned")
+        else:  # the proxy under test alone on the first core; the generator, upstream and Redis on the rest
+            bench.pin_core = cores[0]
+            os.sched_setaffinity(0, set(cores[1:]))
+            print(f"  --pin: proxies under test on core {cores[0]}, everything else on {cores[1:]}")
     try:
         up = bench.spawn("upstream", [py, "-m", f"{__package__}.upstream", str(p := _port())], p)
         redis_port = _port()
@@ -225,14 +237,15 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None) -> int:
         fault = bench.spawn("faultproxy", [py, "-m", f"{__package__}.faultproxy", str(fault_port), str(redis_port)],
                             fault_port, stdin=True)
         ref = bench.spawn("reference", [py, "-m", f"{__package__}.refproxy", str(p := _port()),
-                                        f"http://127.0.0.1:{up.port}"], p)
+                                        f"http://127.0.0.1:{up.port}"], p, under_test=True)
         cfg = workdir / "failgate.yaml"
         fg_port, fg_admin = _port(), _port()
         _failgate_config(cfg, fg_port, fg_admin, up.port, f"redis://127.0.0.1:{fault_port}/0")
-        bench.spawn("failgate", [py, "-m", "proxy", "run", "-c", str(cfg)], fg_port)
+        bench.spawn("failgate", [py, "-m", "proxy", "run", "-c", str(cfg)], fg_port, under_test=True)
         nginx = peers.nginx()
         if nginx is not None:
-            ng = bench.spawn("nginx", peers.nginx_command(workdir, p := _port(), up.port, redis_port), p)
+            ng = bench.spawn("nginx", peers.nginx_command(workdir, p := _port(), up.port, redis_port), p,
+                             under_test=True)
             ng.serving_pid = peers.worker_of(ng.popen.pid)
         base = f"http://127.0.0.1:{fg_port}"
 
