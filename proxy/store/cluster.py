@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.crc import key_slot
 
-from ..observe.metrics import BREAKER_STATE
+from ..observe.metrics import BREAKER_STATE, StoreMetrics
 from .breaker import NAMES, Breaker
 from .errors import StoreUnavailable
 from .ops import GetOp, LimitsOp, Op, RateOp
@@ -83,6 +83,8 @@ class _Node:
 
 
 class ClusterStore:
+    counts_node_calls = True  # failgate_store_operations_total: one per node call, with that node's result
+
     def __init__(self, url: str, *, timeout: float, connect_timeout: float, pool_size: int,
                  failures: int = 5, open_for: float = 2.0) -> None:
         self.seeds, self._username, self._password, self._tls = parse(url)
@@ -92,6 +94,7 @@ class ClusterStore:
         self.failures = failures
         self.open_for = open_for
         self.nodes: dict[tuple[str, int], _Node] = {}
+        self.metrics = StoreMetrics()
         self.slots: list[tuple[str, int] | None] = [None] * SLOTS
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
@@ -200,13 +203,16 @@ class ClusterStore:
     async def _call(self, address: tuple[str, int] | None, ops: list[Op], idx: list[int], results: list[Any],
                     redirected: bool = False) -> None:
         if address is None:  # no slot map yet, or a slot no master serves
+            self.metrics.observe("unavailable", 0.0)
             self.refresh()
             for i in idx:
                 results[i] = StoreUnavailable("unavailable", "no cluster node serves this slot", transport=False)
             return
         node = self._node(address)
         breaker = node.breaker
+        started = time.perf_counter()
         if not breaker.allow():
+            self.metrics.observe("breaker_open", 0.0)
             for i in idx:
                 results[i] = StoreUnavailable("breaker_open", f"the breaker of node {node.label} is open",
                                               transport=False)
@@ -214,6 +220,7 @@ class ClusterStore:
         try:
             got = await node.store.execute(ops)
         except StoreUnavailable as exc:
+            self.metrics.observe(exc.reason, time.perf_counter() - started)
             if exc.transport:
                 self._failed(breaker, exc)
                 self.refresh()  # a replica may be taking over its slots
@@ -237,6 +244,7 @@ class ClusterStore:
                     failed = True  # LOADING, OOM, READONLY…: about the node
                 r = StoreUnavailable(r.reason, f"node {node.label}: {r.detail}", transport=False)
             results[i] = r
+        self.metrics.observe("error" if failed else "ok", time.perf_counter() - started)
         if failed:
             breaker.failure()
         elif breaker.consecutive or breaker.state:

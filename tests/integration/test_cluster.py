@@ -183,6 +183,10 @@ async def test_a_dead_master_fails_only_its_own_slots(tmp_path: Path, upstream: 
         await until("checked answers for its slots again", back, timeout=30)
         stop.set()
         await asyncio.gather(*load)
+        # the dead master's calls are counted as what they were, not hidden in the requests' round trips
+        failed = [await p.metric("failgate_store_operations_total", f'result="{r}"')
+                  for r in ("timeout", "unavailable", "breaker_open")]
+        assert sum(failed) > 0 and await p.metric("failgate_store_operations_total", 'result="ok"') > 0
     finally:
         p.stop()
     assert "Traceback" not in p.log()
