@@ -115,15 +115,15 @@ class Runtime:
         # A target whose URL and connection settings did not change keeps its pooled session and its health
         # across a reload.
         self.targets: dict[Settings, Target] = {}
+        self.upstreams: dict[str, UpstreamClient] = {}
         for name, up in cfg.upstreams.items():
+            chosen = []
             for url in up.urls:
                 settings = Settings(name, url, up.connect_timeout, up.tls_verify)
-                kept = memories.targets.get(settings)
-                self.targets[settings] = kept if kept is not None else Target(settings)
+                target = self.targets[settings] = memories.targets.get(settings) or Target(settings)
+                chosen.append(target)
+            self.upstreams[name] = UpstreamClient(name, up, chosen)
         memories.targets = self.targets
-        self.upstreams = {name: UpstreamClient(name, up, [self.targets[Settings(name, url, up.connect_timeout,
-                                                                                up.tls_verify)] for url in up.urls])
-                          for name, up in cfg.upstreams.items()}
         self.active = 0  # requests in flight on this runtime
         self._drained: asyncio.Event | None = None
         retry_after = cfg.store.breaker.open_for

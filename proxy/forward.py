@@ -37,7 +37,6 @@ HOP_BY_HOP = frozenset(
 # passed on only from a peer that trusted_proxies vouches for. Any other X-Forwarded-* header, and every `_`
 # spelling of all of these (some servers read `X_Forwarded_For` as `X-Forwarded-For`), likewise.
 SPOOFABLE = frozenset(["forwarded", "x-real-ip", "x-original-url", "x-rewrite-url", "x-forwarded-proto"])
-_CHUNK = 1 << 16
 _SMALL = 1 << 16  # response bodies up to this size are buffered and sent in one write
 _NO_LENGTH = frozenset(["content-length"])
 

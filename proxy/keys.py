@@ -19,8 +19,8 @@ from .checks.memo import Record
 from .config import LoadedConfig
 from .config.schema import parse_duration
 from .config.values import redact_url
-from .keyspace import BUCKETS, digest_in, digest_of, epoch_key, record_key, record_pattern, revoked_key
-from .revocations import KEEP, revoke_commands
+from .keyspace import BUCKETS, digest_in, digest_of, epoch_key, record_key, record_pattern
+from .revocations import cluster_revocation, revoke_commands
 from .store.cluster import is_cluster
 from .store.cluster import parse as parse_cluster
 from .store.sentinel import is_sentinel, sync_master
@@ -64,6 +64,15 @@ def _replicated(loaded: LoadedConfig, client: redis.Redis) -> None:
               "lose it (run the command again once the replicas are back)", file=sys.stderr)
 
 
+def _bucket_markers(client: redis.Redis, prefix: str) -> None:
+    """A Cluster store's 256 epoch markers, those still missing (one pipelined write per node)."""
+    now = str(int(time.time()))
+    pipe = client.pipeline(transaction=False)
+    for bucket in BUCKETS:
+        pipe.set(epoch_key(prefix, bucket), now, nx=True)
+    pipe.execute()
+
+
 def _run(loaded: LoadedConfig, fn: Any) -> Any:
     client = _client(loaded)
     try:
@@ -94,12 +103,8 @@ def add(loaded: LoadedConfig, principal: str, scopes: list[str], expires: str | 
     bucketed = is_cluster(loaded.config.store.url)
 
     def write(client: redis.Redis) -> None:
-        if bucketed:  # every bucket's marker (once), then the record: both of one bucket live in one slot
-            now = str(int(time.time()))
-            pipe = client.pipeline(transaction=False)
-            for bucket in BUCKETS:
-                pipe.set(epoch_key(prefix, bucket), now, nx=True)
-            pipe.execute()
+        if bucketed:  # every bucket's marker, then the record: both of one bucket live in one slot
+            _bucket_markers(client, prefix)
             client.set(record_key(prefix, digest, True), _encode(record))
             return
         pipe = client.pipeline(transaction=True)
@@ -124,12 +129,9 @@ def revoke(loaded: LoadedConfig, key_or_hash: str) -> str:
         digest = _resolve(client, prefix, key_or_hash, bucketed)
         if not client.exists(record_key(prefix, digest, bucketed)):
             raise KeysError(f"no key with hash {digest[:12]}… in the store")
-        if bucketed:  # the log and the record live in different slots: logged and published first, then deleted
-            now = time.time()
-            client.zadd(revoked_key(prefix), {digest: now})
-            client.zremrangebyscore(revoked_key(prefix), "-inf", now - KEEP)
-            client.publish(revoked_key(prefix), f"{digest} {now}")
-            client.delete(record_key(prefix, digest, True))
+        if bucketed:
+            for method, args in cluster_revocation(prefix, digest, time.time()):
+                getattr(client, method)(*args)
             return digest
         pipe = client.pipeline(transaction=True)
         revoke_commands(pipe, prefix, digest, time.time())
@@ -181,11 +183,7 @@ def migrate(loaded: LoadedConfig) -> int:
     prefix = loaded.config.store.key_prefix
 
     def move(client: redis.Redis) -> int:
-        now = str(int(time.time()))
-        pipe = client.pipeline(transaction=False)
-        for bucket in BUCKETS:
-            pipe.set(epoch_key(prefix, bucket), now, nx=True)
-        pipe.execute()
+        _bucket_markers(client, prefix)
         moved = 0
         for name in list(client.scan_iter(match=record_pattern(prefix), count=1000)):
             text = name.decode()

@@ -50,12 +50,12 @@ def revoke_commands(pipe: Any, prefix: str, digest: str, now: float) -> None:
     pipe.publish(log_key(prefix), f"{digest} {now}")
 
 
-async def revoke_in_cluster(client: Any, prefix: str, digest: str, now: float) -> None:
-    """`revoke_commands` on a Cluster: logged and published first, then the record deleted."""
-    await client.zadd(log_key(prefix), {digest: now})
-    await client.zremrangebyscore(log_key(prefix), "-inf", now - KEEP)
-    await client.publish(log_key(prefix), f"{digest} {now}")
-    await client.delete(record_key(prefix, digest, True))
+def cluster_revocation(prefix: str, digest: str, now: float) -> list[tuple[str, tuple[Any, ...]]]:
+    """`revoke_commands` on a Cluster, as (client method, arguments) to call in order on a redis-py cluster client
+    (sync or asyncio): the log and the record live in different slots, so no transaction — logged and published
+    first, then the record deleted."""
+    return [("zadd", (log_key(prefix), {digest: now})), ("zremrangebyscore", (log_key(prefix), "-inf", now - KEEP)),
+            ("publish", (log_key(prefix), f"{digest} {now}")), ("delete", (record_key(prefix, digest, True),))]
 
 
 def redis_client(url: str, connect_timeout: float, timeout: float | None) -> aioredis.Redis:
@@ -222,7 +222,8 @@ class RevocationDesk:
         try:
             if is_cluster(self.url):  # the log and the records live in different slots: no transaction
                 for digest in self.pending:
-                    await revoke_in_cluster(client, self.prefix, digest, self.revoked[digest])
+                    for method, args in cluster_revocation(self.prefix, digest, self.revoked[digest]):
+                        await getattr(client, method)(*args)
             else:
                 pipe = client.pipeline(transaction=True)
                 for digest in self.pending:

@@ -187,19 +187,16 @@ async def worker_main() -> None:
     serving = Serving(loaded, reuse_port=True, workers=int(msg.get("workers", 1)), state=state_dir,
                       index=int(msg.get("index", 0)), fetch_keys=False)  # the parent fetches the key sets
     await serving.start()
+    from . import targets
+    from .store import cluster, sentinel
     from .store.breaker import NAMES
 
+    # What the parent's /readyz shows of each worker: its breaker, targets taken out, Sentinel master, Cluster nodes.
     serving.notify = lambda state: send({"event": "state", "breaker": NAMES[state]})
-    from . import targets
-    from .store import sentinel
-
-    sentinel.on_master = lambda at: send({"event": "master", "at": at})
-    from .store import cluster
-
-    cluster.on_nodes = lambda nodes: send({"event": "nodes", "nodes": nodes})
-
     targets.on_change = lambda t: send({"event": "target", "upstream": t.settings.upstream, "target": t.label,
                                         "up": not t.out})
+    sentinel.on_master = lambda at: send({"event": "master", "at": at})
+    cluster.on_nodes = lambda nodes: send({"event": "nodes", "nodes": nodes})
     serving.refetch = lambda url: send({"event": "jwks_refetch", "url": url})
     settle_gc()
     send({"event": "ready", "pid": os.getpid(), "sha256": loaded.sha256})

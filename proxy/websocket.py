@@ -104,10 +104,7 @@ async def tunnel(request: web.BaseRequest, upstream: UpstreamClient, out: Outgoi
     from .forward import UpstreamFailed
 
     cfg = upstream.cfg
-    client = web.WebSocketResponse(autoclose=False, autoping=False, max_msg_size=cfg.websocket_max_message,
-                                   compress=False, timeout=_CLOSE_TIMEOUT)
-    ready = client.can_prepare(request)
-    if not ready.ok:
+    if not web.WebSocketResponse().can_prepare(request).ok:
         raise UpstreamFailed(400, "not a valid WebSocket handshake (Sec-WebSocket-Key and version 13 required)",
                              out.reply_headers)
     protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",")
@@ -141,8 +138,9 @@ async def tunnel(request: web.BaseRequest, upstream: UpstreamClient, out: Outgoi
         upstream.balancer.failed(target, "a refused or reset connection")
         raise UpstreamFailed(502, "the upstream could not be reached", out.reply_headers) from None
     upstream.balancer.answered(target)
-    if up.protocol:
-        client._protocols = (up.protocol,)
+    # The client's side offers only the subprotocol the upstream chose: that is what the client gets.
+    client = web.WebSocketResponse(protocols=(up.protocol,) if up.protocol else (), autoclose=False, autoping=False,
+                                   max_msg_size=cfg.websocket_max_message, compress=False, timeout=_CLOSE_TIMEOUT)
     for name, value in out.reply_headers:
         client.headers[name] = value
     try:

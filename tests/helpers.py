@@ -204,6 +204,9 @@ class ProxyProcess:
         async with aiohttp.ClientSession() as s, s.get(self.admin + "/readyz") as r:
             return await r.json()  # type: ignore[no-any-return]
 
+    async def metric_above(self, name: str, labels: str, value: float) -> bool:
+        return await self.metric(name, labels) > value
+
     async def metric(self, name: str, labels: str = "") -> float:
         """The sum of a metric's samples whose labels contain `labels` (e.g. 'source="publish"')."""
         async with aiohttp.ClientSession() as s, s.get(self.admin + "/metrics") as r:

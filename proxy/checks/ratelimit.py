@@ -200,9 +200,9 @@ class LimitGroup:
         if self._single is not None:  # one limit: the common case, without the lists
             op = self._single.op(key, plan)
             return None if op is None else _new_tuple(Planned, (op, self._singles, (op,)))
-        made = self._made.get(plan) if plan in self._plans else self._made.get(None)
-        if made is None:
-            made = self._make(plan if plan in self._plans else None)
+        if plan not in self._plans:
+            plan = None  # a plan no limit names (client-influenced) is no plan: the table stays bounded
+        made = self._made.get(plan) or self._make(plan)
         limits, calls, shape = made
         if not calls:
             return None

@@ -57,14 +57,9 @@ def validate(loaded: LoadedConfig) -> None:
         raise fail("store.url", f"expected memory://, redis://host:port/db, rediss://…, unix:///path, "
                    f"redis+sentinel://host:26379,…/<master-name>/<db> or redis+cluster://host:7000,…/, "
                    f"got {redact_url(store_url)!r}")
-    if scheme in CLUSTER_SCHEMES:
+    if scheme in CLUSTER_SCHEMES or scheme in SENTINEL_SCHEMES:
         try:
-            parse_cluster(store_url)
-        except ValueError as exc:
-            raise fail("store.url", f"{exc} (in {redact_url(store_url)!r})") from None
-    if scheme in SENTINEL_SCHEMES:
-        try:
-            parse_sentinel(store_url)
+            (parse_cluster if scheme in CLUSTER_SCHEMES else parse_sentinel)(store_url)
         except ValueError as exc:
             raise fail("store.url", f"{exc} (in {redact_url(store_url)!r})") from None
     workers = resolve_workers(cfg.workers)

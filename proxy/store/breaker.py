@@ -66,6 +66,19 @@ class Breaker:
             self.opened_at = self.clock()
             self._set(OPEN)
 
+    def failed_call(self, failure: StoreUnavailable) -> None:
+        """A call that failed: a transport failure counts once per failed round trip (every call that failed with
+        the same trip is one failure); an error about one record is the store answering, so a success."""
+        if not failure.transport:
+            self.success()
+            return
+        trip = failure.trip
+        if trip is None:
+            self.failure()
+        elif not trip.counted:
+            trip.counted = True
+            self.failure()
+
     def abandon(self) -> None:
         """The call that was the half-open probe will never report back (its request went away): let the next
         call be the probe, rather than keeping the breaker shut."""
@@ -104,7 +117,7 @@ class BreakerStore:
         try:
             results = await self.inner.execute(ops)
         except StoreUnavailable as exc:
-            self._failed(exc)
+            breaker.failed_call(exc)
             self.metrics.observe(exc.reason, time.perf_counter() - started)
             return None, exc
         except BaseException:
@@ -128,18 +141,6 @@ class BreakerStore:
             raise failure
         assert results is not None
         return results
-
-    def _failed(self, failure: StoreUnavailable) -> None:
-        breaker = self.breaker
-        if not failure.transport:
-            breaker.success()
-            return
-        trip = failure.trip
-        if trip is None:
-            breaker.failure()
-        elif not trip.counted:
-            trip.counted = True
-            breaker.failure()
 
     async def close(self) -> None:
         await self.inner.close()

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -29,6 +29,7 @@ from redis.crc import key_slot
 from ..observe.metrics import BREAKER_STATE, StoreMetrics
 from .breaker import NAMES, Breaker
 from .errors import StoreUnavailable
+from .hosts import userinfo_and_hosts
 from .ops import GetOp, LimitsOp, Op, RateOp
 from .redis import RedisStore
 
@@ -50,17 +51,7 @@ def parse(url: str) -> tuple[list[tuple[str, int]], str | None, str | None, bool
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES:
         raise ValueError(f"expected {' or '.join(s + '://' for s in SCHEMES)}")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    username = password = None
-    if userinfo:
-        user, _, pw = userinfo.partition(":")
-        username, password = unquote(user) or None, unquote(pw) or None
-    seeds = []
-    for item in hosts.split(","):
-        host, sep, port = item.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected cluster nodes as host:port, comma-separated; got {item!r}")
-        seeds.append((host.strip("[]"), int(port)))
+    username, password, seeds = userinfo_and_hosts(parts.netloc, "cluster nodes")
     if parts.path.strip("/") or parts.query:
         raise ValueError("a cluster has one database and no options: expected nothing after the hosts but '/'")
     return seeds, username, password, parts.scheme == "rediss+cluster"
@@ -221,11 +212,9 @@ class ClusterStore:
             got = await node.store.execute(ops)
         except StoreUnavailable as exc:
             self.metrics.observe(exc.reason, time.perf_counter() - started)
+            breaker.failed_call(exc)
             if exc.transport:
-                self._failed(breaker, exc)
                 self.refresh()  # a replica may be taking over its slots
-            else:
-                breaker.success()
             for i in idx:
                 results[i] = StoreUnavailable(exc.reason, f"node {node.label}: {exc.detail}", transport=False)
             return
@@ -269,15 +258,6 @@ class ClusterStore:
             results[i] = (await node.store.execute_asking(op))[0]
         except StoreUnavailable as exc:
             results[i] = StoreUnavailable(exc.reason, f"node {node.label}: {exc.detail}", transport=False)
-
-    @staticmethod
-    def _failed(breaker: Breaker, failure: StoreUnavailable) -> None:
-        trip = failure.trip
-        if trip is None:
-            breaker.failure()
-        elif not trip.counted:
-            trip.counted = True
-            breaker.failure()
 
     def _report(self) -> None:
         if on_nodes is not None:

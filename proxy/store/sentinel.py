@@ -28,6 +28,8 @@ import redis.asyncio.sentinel as asentinel
 import redis.exceptions
 import redis.sentinel
 
+from .hosts import userinfo_and_hosts
+
 log = logging.getLogger("failgate.sentinel")
 
 SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -72,21 +74,7 @@ def parse(url: str) -> SentinelUrl:
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES:
         raise ValueError(f"expected {' or '.join(s + '://' for s in SCHEMES)}")
-    netloc = parts.netloc
-    userinfo, _, hosts = netloc.rpartition("@")
-    username = password = None
-    if userinfo:
-        user, _, pw = userinfo.partition(":")
-        username, password = unquote(user) or None, unquote(pw) or None
-    sentinels = []
-    for item in hosts.split(","):
-        host, sep, port = item.strip().rpartition(":")
-        if not sep:
-            host, port = item.strip(), "26379"
-        host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected sentinels as host:port, comma-separated; got {item!r}")
-        sentinels.append((host, int(port)))
+    username, password, sentinels = userinfo_and_hosts(parts.netloc, "sentinels", default_port=26379)
     path = [p for p in parts.path.split("/") if p]
     if not path:
         raise ValueError("expected the master's name in the path: …/<master-name>/<db>")

@@ -55,13 +55,6 @@ def slot_of_client(value: str, route: str = "exact") -> int:
     return key_slot(f"{{{route}:h:{subject_hash(value)}}}".encode())
 
 
-
-
-async def _more(p: ProxyProcess, name: str, labels: str, than: float) -> bool:
-    return await p.metric(name, labels) > than
-
-
-
 async def started(cfg: Path) -> ProxyProcess:
     p = ProxyProcess(cfg).start()
     await p.wait_ready()
@@ -110,7 +103,7 @@ async def test_api_keys_in_every_bucket_and_their_revocation(tmp_path: Path, ups
         assert (await raw_request(p.port, "/pay", headers={"Authorization": keys[0]})).status == 401
         # published on one node, it reached the proxy subscribed on another (or the same): the channel works
         await until("the revocation was heard on the channel",
-                    lambda: _more(p, "failgate_revocations_total", 'source="publish"', published))
+                    lambda: p.metric_above("failgate_revocations_total", 'source="publish"', published))
         assert (await raw_request(p.port, "/pay", headers={"Authorization": keys[1]})).status == 200
     finally:
         p.stop()

@@ -35,13 +35,6 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
     s.stop()
 
 
-
-
-async def _more(p: ProxyProcess, name: str, labels: str, than: float) -> bool:
-    return await p.metric(name, labels) > than
-
-
-
 async def test_the_master_killed_under_load_is_followed_to_the_promoted_replica(
         tmp_path: Path, upstream: Upstream, sentinels: SentinelSet) -> None:
     cfg = tmp_path / "failgate.yaml"
@@ -97,7 +90,7 @@ async def test_the_master_killed_under_load_is_followed_to_the_promoted_replica(
         later, _ = add(loaded, "trent", [], None)
         revoke(loaded, later)
         await until("the new master's revocation reached the proxy",
-                    lambda: _more(p, "failgate_revocations_total", 'source="publish"', published), timeout=30)
+                    lambda: p.metric_above("failgate_revocations_total", 'source="publish"', published), timeout=30)
         # the old master, restarted, becomes a replica; Failgate does not write to it
         sentinels.master.start()
         await until("the old master is a replica", lambda: b"role:slave" in sentinels.master.command(
