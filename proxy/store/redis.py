@@ -140,8 +140,15 @@ class RedisStore:
         return self.client.submit(payload, len(ops), self._finish, ops)
 
     def execute_asking(self, op: Op) -> asyncio.Future[list[Any]]:
-        """One operation after `ASKING`, on the same connection (a Cluster slot being migrated)."""
-        return self.client.submit(b"*1\r\n$6\r\nASKING\r\n" + self._pack(op), 2, self._finish_asking, op)
+        """One operation after `ASKING`, on the same connection (a Cluster slot being migrated). A script goes by
+        its source (EVAL): the importing node may never have run it, and ASKING holds for one command only, so a
+        NOSCRIPT could not be retried on it."""
+        if type(op) is GetOp:
+            payload = self._pack(op)
+        else:
+            limits = _limits_of(op)
+            payload = _pack_limits(limits, _limit_parts(limits, by_source=True))
+        return self.client.submit(b"*1\r\n$6\r\nASKING\r\n" + payload, 2, self._finish_asking, op)
 
     @staticmethod
     def _finish_asking(future: asyncio.Future[list[Any]], replies: list[Any], op: Op) -> None:

@@ -302,3 +302,37 @@ async def _slots_after_traffic(p: ProxyProcess, counts: list[int]) -> bool:
     for i in range(50):
         await raw_request(p.port, "/load", headers={"X-Client": f"probe-{time.monotonic()}-{i}"})
     return sorted(n["slots"] for n in (await p.readyz()).get("nodes", [])) == counts
+
+
+async def test_a_slot_being_migrated_is_followed_with_asking_and_a_split_key_set_is_a_store_error(
+        cluster: ClusterSet) -> None:
+    """A slot put into migration by hand: a key not yet on the source node answers ASK, which the store follows
+    once with ASKING on the node that imports it; an operation whose keys are split between the two (TRYAGAIN)
+    is that operation's error, and the source node's breaker stays closed."""
+    from proxy.store.cluster import ClusterStore
+    from proxy.store.errors import StoreUnavailable
+    from proxy.store.ops import LimitsOp, RateOp, RateResult
+
+    store = ClusterStore(cluster.url, timeout=1.0, connect_timeout=1.0, pool_size=2)
+    try:
+        await store.ready()
+        moving = RateOp("fixed_window", "t:{moving}:a", 10, 60_000_000, 10)
+        slot = key_slot(moving.key.encode())
+        source = cluster.master_of_slot(slot)
+        target = next(n for n in cluster.nodes[:3] if n is not source)
+        ids = {n: n.command("CLUSTER", "MYID").split(b"\r\n")[1].decode() for n in (source, target)}
+        assert target.command("CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source]).startswith(b"+OK")
+        assert source.command("CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target]).startswith(b"+OK")
+
+        [answer] = await store.execute([moving])  # not on the source: ASK, then ASKING + the call on the target
+        assert type(answer) is RateResult and answer.allowed and answer.remaining == 9
+        assert target.calls("asking") >= 1
+
+        kept = RateOp("fixed_window", "t:{moving}:b", 10, 60_000_000, 10)
+        source.command("SET", kept.key, "0")  # one key of the pair still on the source, the other moved
+        shape = tuple((o.algorithm, o.limit, o.window, o.burst, o.shadow) for o in (moving, kept))
+        [split] = await store.execute([LimitsOp((moving, kept), shape)])
+        assert type(split) is StoreUnavailable and split.reason == "error" and "TRYAGAIN" in split.detail
+        assert {n["breaker"] for n in store.describe()["nodes"]} == {"closed"}
+    finally:
+        await store.close()
