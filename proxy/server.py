@@ -186,17 +186,18 @@ async def worker_main() -> None:
     state_dir = StateDir(msg["state_dir"]) if msg.get("state_dir") else None
     serving = Serving(loaded, reuse_port=True, workers=int(msg.get("workers", 1)), state=state_dir,
                       index=int(msg.get("index", 0)), fetch_keys=False)  # the parent fetches the key sets
-    await serving.start()
     from . import targets
     from .store import cluster, sentinel
     from .store.breaker import NAMES
 
-    # What the parent's /readyz shows of each worker: its breaker, targets taken out, Sentinel master, Cluster nodes.
+    # What the parent's /readyz shows of each worker: its breaker, targets taken out, Sentinel master, Cluster nodes
+    # (told from the start: a Cluster's slot map is read while the worker starts).
     serving.notify = lambda state: send({"event": "state", "breaker": NAMES[state]})
     targets.on_change = lambda t: send({"event": "target", "upstream": t.settings.upstream, "target": t.label,
                                         "up": not t.out})
     sentinel.on_master = lambda at: send({"event": "master", "at": at})
     cluster.on_nodes = lambda nodes: send({"event": "nodes", "nodes": nodes})
+    await serving.start()
     serving.refetch = lambda url: send({"event": "jwks_refetch", "url": url})
     settle_gc()
     send({"event": "ready", "pid": os.getpid(), "sha256": loaded.sha256})

@@ -78,6 +78,7 @@ class Serving:
             await self.supply.ready(JwksSupply.startup_wait(cfg))
         memories = Memories(self._store_stack(cfg.store), DecisionLog(self.writer, self.loaded.sha256),
                             keysets=self.keysets)
+        await self._store_ready()
         self._restore(memories.keys)
         self.runtime = Runtime(self.loaded, memories, workers=self.workers)
         self._start_feed(cfg.store)
@@ -110,6 +111,13 @@ class Serving:
         self.breaker = Breaker(store_cfg.breaker.failures, store_cfg.breaker.open_for, on_change=self._breaker_changed)
         self.stack = BreakerStore(self.chaos, self.breaker)
         return self.stack
+
+    async def _store_ready(self) -> None:
+        """A Cluster store reads its slot map before this process serves (a bounded wait: each seed once, within
+        connect_timeout); without one every check would be a store error until it arrived."""
+        ready = getattr(self.store, "ready", None)
+        if ready is not None:
+            await ready()
 
     def _breaker_changed(self, state: int) -> None:
         """A dependency's state change: the gauge, one structured line, and the parent (in a worker)."""
@@ -182,6 +190,7 @@ class Serving:
             rehearsal = self.chaos.active() if self.chaos is not None else None
             memories = Memories(self._store_stack(cfg.store), decisions, targets=old.targets,
                                 keysets=self.keysets, tokens=old.memories.tokens)
+            await self._store_ready()
             if rehearsal is not None and self.chaos is not None:
                 self.chaos.fault = rehearsal  # an outage rehearsal goes on for what is left of it, on the new store
             for digest, at in old.keys.revoked().items():  # a revocation is about the key, whatever the store
