@@ -84,7 +84,7 @@ class HttpAuthCheck(CheckKind):
     def begin(self, headers: Any, method: str, uri: str, host: str | None, client: str, request_id: str,
               now: float) -> tuple[Verdict | None, asyncio.Future[Verdict] | None]:
         """(a verdict reached without calling, from `cache_for`) or (None, the call, already under way)."""
-        key = (self.route, method, host, uri, *(headers.get(h) for h in self.key_headers))
+        key = self.memory_key(headers, method, uri, host)
         authorizer = self.authorizer
         if self.cfg.cache_for > 0:
             for memory in (authorizer.allows, authorizer.denies):
@@ -100,6 +100,10 @@ class HttpAuthCheck(CheckKind):
         if host is not None:
             sent["X-Forwarded-Host"] = host
         return None, asyncio.ensure_future(self._call(key, sent, now))
+
+    def memory_key(self, headers: Any, method: str, uri: str, host: str | None) -> tuple[Any, ...]:
+        """What a remembered verdict is filed under: never reused for another route, method, host or path."""
+        return (self.route, method, host, uri, *[headers.get(h) for h in self.key_headers])
 
     async def _call(self, key: tuple[Any, ...], sent: dict[str, str], now: float) -> Verdict:
         authorizer = self.authorizer
