@@ -75,7 +75,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--only", default="", help="comma-separated words: only the Failgate scenarios whose "
+                        "names contain one (the reference proxy is always measured)")
     args = parser.parse_args()
+    only = [w for w in args.only.split(",") if w]
     if not shutil.which("valgrind"):
         print("valgrind is not installed", file=sys.stderr)
         return 1
@@ -139,8 +142,10 @@ def main() -> int:
             measure("reference proxy", ref.pid, out, f"http://127.0.0.1:{ref_port}/x", [])
             measure("reference proxy + 1 store call", ref2.pid, out2, f"http://127.0.0.1:{ref2_port}/x", [])
             for name, path, hdrs in scenarios:
-                measure(name, fg.pid, out3, base + path, hdrs)
-            measure("failgate jwt, 1,000 tokens", fg.pid, out3, base + "/jwt", [], tokens)
+                if not only or any(w in name for w in only) or name == "failgate passthrough":
+                    measure(name, fg.pid, out3, base + path, hdrs)
+            if not only or "jwt" in only:
+                measure("failgate jwt, 1,000 tokens", fg.pid, out3, base + "/jwt", [], tokens)
         rows = [(name, statistics.median(total / n for total, n in results if n), sum(n for _, n in results))
                 for name, results in runs.items()]
         print(f"instructions per request (callgrind), {args.concurrency} connections, {args.seconds:g}s each, "

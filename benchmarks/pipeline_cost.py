@@ -4,9 +4,10 @@ Runs a rate-limited route's checks — one limit, and two limits on one key (a b
 operation) — with their RateLimit fields, against an in-process store that answers at once, and against one that
 answers on the next event-loop turn (as a reply from Redis would), 64 requests at a time; auth answered from
 memory, each with 1,000 credentials in rotation: an API key from `cache_for`, a JWT the verified-token memory
-holds, an authorizer's verdict from `cache_for`; and, for scale, a bare suspend/resume; and what picking an
-upstream target costs (one target, three). Steady figures (no network, no
-other process), to tell the pipeline's own CPU from the event-loop and I/O costs the suite measures.
+holds, an authorizer's verdict from `cache_for`; for scale, a bare suspend/resume, and the same inside a timeout
+(asyncio.timeout, and the slotted timeouts of timeouts.py); and what picking an upstream target costs (one target,
+three). Steady figures (no network, no other process), to tell the pipeline's own CPU from the event-loop and I/O
+costs the suite measures.
 
 `--instructions` counts instructions per request instead, under valgrind's callgrind (deterministic, where CPU
 time moves by tens of percent on shared cores): each case runs twice, with N and 3N batches of 64, and the
@@ -40,6 +41,7 @@ from proxy.pipeline import run_checks
 from proxy.store.breaker import Breaker, BreakerStore
 from proxy.store.ops import LimitsOp, RateResult
 from proxy.targets import Balancer, Settings, Target
+from proxy.timeouts import expiry
 
 CONFIG = """version: 1
 store: {url: "memory://"}
@@ -127,7 +129,7 @@ def _auth_request(path: str) -> Any:
     from .instructions import _jwt_tokens
 
     jwks = Path(tempfile.mkdtemp(prefix="failgate-pipeline-")) / "jwks.json"
-    tokens = _jwt_tokens(jwks, ROTATION)
+    tokens = _jwt_tokens(jwks, ROTATION if path == "/jwt" else 1)
     rt = Runtime(load_text(AUTH_CONFIG % jwks, "pipeline_cost"), BreakerStore(Instant(), Breaker(5, 2.0)))
     route = rt.router.match("GET", None, path)
     assert route is not None and route.auth is not None
@@ -170,6 +172,18 @@ async def main() -> None:
         return await f
 
     print(f"  bare suspend and resume{'':<37} {await _per_request(bare):6.2f} µs per request (64 at a time)")
+
+    async def with_asyncio_timeout() -> int:
+        async with asyncio.timeout(30.0):
+            return await bare()
+
+    async def with_slotted_timeout() -> int:
+        with expiry(30.0):
+            return await bare()
+
+    for name, make in (("asyncio.timeout", with_asyncio_timeout), ("slotted (timeouts.py)", with_slotted_timeout)):
+        print(f"  the same inside a timeout, {name:<22}{'':<11} {await _per_request(make):6.2f} µs per request "
+              "(64 at a time)")
     for balance, n in (("round_robin", 1), ("round_robin", 3), ("least_request", 3)):
         print(f"  picking a target, {balance:<13} of {n}{'':<24} {_pick_cost(balance, n):6.3f} µs per request")
 

@@ -12,7 +12,6 @@ request that timed out (the target may be working on it).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .config.schema import Upstream
 from .observe.metrics import UPSTREAM_DURATION, UPSTREAM_RETRIES, FastHistogram, incrementer
 from .targets import Balancer, Target
+from .timeouts import expiry
 
 log = logging.getLogger("failgate.forward")
 
@@ -38,7 +38,7 @@ HOP_BY_HOP = frozenset(
 # spelling of all of these (some servers read `X_Forwarded_For` as `X-Forwarded-For`), likewise.
 SPOOFABLE = frozenset(["forwarded", "x-real-ip", "x-original-url", "x-rewrite-url", "x-forwarded-proto"])
 _SMALL = 1 << 16  # response bodies up to this size are buffered and sent in one write
-_NO_LENGTH = frozenset(["content-length"])
+_NO_LENGTH = HOP_BY_HOP | {"content-length"}  # a body read whole: aiohttp sets its length
 
 
 class UpstreamFailed(Exception):
@@ -112,7 +112,7 @@ class _Body:
         seen = 0
         content = request.content
         while True:
-            async with asyncio.timeout(idle):
+            with expiry(idle):
                 chunk = await content.readany()
             if not chunk:
                 return
@@ -193,15 +193,14 @@ class UpstreamClient:
             trace.target, trace.status, trace.seconds = target.label, None, None
         balancer = self.balancer
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         content: bytes | None = None
         upstream: aiohttp.ClientResponse | None = None
         target.in_flight += 1
         try:
-            # One timer per request: `timeout` until the headers, then — for a small body read whole —
+            # One deadline per request: `timeout` until the headers, then — for a small body read whole —
             # `idle_timeout`.
             try:
-                async with asyncio.timeout(self.cfg.timeout) as budget:
+                with expiry(self.cfg.timeout) as budget:
                     upstream = await target.session.request(
                         out.method, target.url_for(out.path_qs), headers=out.headers, data=data,
                         allow_redirects=False, compress=None, auto_decompress=False,
@@ -218,7 +217,7 @@ class UpstreamClient:
                     if length is not None and length <= _SMALL and out.method != "HEAD":
                         # Most API responses: read whole and sent with the headers in one write (each extra write
                         # is a system call).
-                        budget.reschedule(loop.time() + self.cfg.idle_timeout)
+                        budget.reschedule(self.cfg.idle_timeout)
                         content = await upstream.read()
             # aiohttp's timeout errors subclass TimeoutError, so they come first.
             except aiohttp.ConnectionTimeoutError:
@@ -276,7 +275,7 @@ class UpstreamClient:
             while True:
                 # idle_timeout bounds the pause either way: an upstream that stops sending, or a client that stops
                 # reading (its write would otherwise wait forever and hold the handler and the upstream).
-                async with asyncio.timeout(idle):
+                with expiry(idle):
                     chunk = await content.readany()
                     if chunk:
                         await resp.write(chunk)
@@ -332,10 +331,12 @@ def upstream_headers(request: web.BaseRequest, strip: frozenset[str], own: froze
     return out
 
 
-def copy_response_headers(src: CIMultiDictProxy[str], dst: CIMultiDict[str],
-                          extra_drop: frozenset[str] = frozenset()) -> None:
+def copy_response_headers(src: CIMultiDictProxy[str], dst: CIMultiDict[str], drop: frozenset[str] = HOP_BY_HOP) -> None:
+    """Every header of `src` but the hop-by-hop ones, those `Connection` names, and `drop` (which must include
+    HOP_BY_HOP)."""
     tokens = connection_tokens(src)
-    drop = HOP_BY_HOP | extra_drop | tokens if tokens or extra_drop else HOP_BY_HOP
+    if tokens:
+        drop = drop | tokens
     for name, value in src.items():
         if name.lower() not in drop:
             dst.add(name, value)
