@@ -84,7 +84,12 @@ class Serving:
         self._start_feed(cfg.store)
         self.proxy = Proxy(self.runtime, tls=cfg.listen.tls is not None,
                            access_log=self.writer if cfg.access_log else None)
-        kwargs: dict[str, Any] = {"access_log": None}  # Failgate writes its own (one JSON line per request)
+        kwargs: dict[str, Any] = {
+            "access_log": None,  # Failgate writes its own (one JSON line per request)
+            # A request body goes upstream as the client encoded it: aiohttp would otherwise decompress a gzip body
+            # and Failgate forward the plain bytes still labelled `Content-Encoding: gzip`.
+            "auto_decompress": False,
+        }
         lim = cfg.limits
         server = self._server = ProxyServer(self.proxy.handle, header_timeout=lim.header_timeout,
                                            max_connections=lim.max_connections, keepalive_timeout=75.0,

@@ -298,6 +298,7 @@ class RawUpstream:
 
     port: int = 0
     heads: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)  # each request's body as it arrived (chunked: de-chunked)
     server: asyncio.Server | None = None
 
     @property
@@ -330,13 +331,15 @@ class RawUpstream:
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.heads.append(head)
                 text = head.decode("latin-1").lower()
+                body = b""
                 if "transfer-encoding: chunked" in text:
                     while (size := int((await reader.readline()).strip() or b"0", 16)) != 0:
-                        await reader.readexactly(size + 2)
+                        body += (await reader.readexactly(size + 2))[:-2]
                     await reader.readline()
                 elif "content-length:" in text:
                     length = int(text.split("content-length:", 1)[1].split("\r\n", 1)[0])
-                    await reader.readexactly(length)
+                    body = await reader.readexactly(length)
+                self.bodies.append(body)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
