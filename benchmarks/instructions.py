@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .load import Options, run_load
-from .suite import ROOT, _failgate_config, _port, _seed_key, _wait_port
+from .suite import ROOT, _failgate_config, _jwt_tokens, _port, _seed_key, _wait_port
 
 
 def _control(*args: str) -> None:
@@ -52,22 +52,6 @@ def _measure(pid: int, out: Path, url: str, seconds: float, concurrency: int,
     time.sleep(0.2)
     total = int(re.search(r"^totals: (\d+)", dump.read_text(), re.M).group(1))  # type: ignore[union-attr]
     return total, result.requests
-
-
-def _jwt_tokens(jwks_path: Path, n: int) -> list[tuple[str, str]]:
-    """A key set on disk and `n` distinct valid ES256 tokens for it (as Authorization headers)."""
-    import json
-
-    import jwt
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    public = json.loads(jwt.get_algorithm_by_name("ES256").to_jwk(key.public_key()))
-    jwks_path.write_text(json.dumps({"keys": [{**public, "kid": "bench", "use": "sig", "alg": "ES256"}]}))
-    exp = int(time.time()) + 3600
-    return [("Authorization", "Bearer " + jwt.encode({"iss": "bench", "aud": "bench", "sub": f"user-{i}",
-                                                       "exp": exp}, key, algorithm="ES256",
-                                                      headers={"kid": "bench"})) for i in range(n)]
 
 
 def main() -> int:

@@ -126,7 +126,7 @@ def _request(store: str, path: str) -> Any:
 def _auth_request(path: str) -> Any:
     """run_checks on an auth route whose every answer comes from memory: ROTATION credentials, each remembered
     before the measurement (a record confirmed by the store, a verified token, an authorizer's allow)."""
-    from .instructions import _jwt_tokens
+    from .suite import _jwt_tokens
 
     jwks = Path(tempfile.mkdtemp(prefix="failgate-pipeline-")) / "jwks.json"
     tokens = _jwt_tokens(jwks, ROTATION if path == "/jwt" else 1)

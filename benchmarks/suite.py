@@ -108,10 +108,11 @@ class Bench:
 
     def measure(self, scenario: str, url: str, *, concurrency: int = 64, servers: tuple[str, ...] = (),
                 headers: list[tuple[str, str]] | None = None, note: str = "",
-                during: Callable[[], None] | None = None) -> Row:
+                during: Callable[[], None] | None = None, rotate: list[tuple[str, str]] | None = None) -> Row:
+        """`rotate`: one header whose values the requests take in turn (1,000 JWTs, say)."""
         before = {s: _cpu_seconds(self.procs[s].pid) for s in servers}
         opts = Options(url, concurrency=concurrency, duration=self.duration, headers=headers or [],
-                       warmup=1.0, progress=False)
+                       warmup=1.0, progress=False, rotate=rotate or [])
         if during is not None:
             during()
         result = run_load(opts)
@@ -204,6 +205,22 @@ on_store_error: closed}}
 """ + jwt_route)
 
 
+def _jwt_tokens(jwks_path: Path, n: int) -> list[tuple[str, str]]:
+    """A key set on disk and `n` distinct valid ES256 tokens for it (as Authorization headers)."""
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = json.loads(jwt.get_algorithm_by_name("ES256").to_jwk(key.public_key()))
+    jwks_path.write_text(json.dumps({"keys": [{**public, "kid": "bench", "use": "sig", "alg": "ES256"}]}))
+    exp = int(time.time()) + 3600
+    return [("Authorization", "Bearer " + jwt.encode({"iss": "bench", "aud": "bench", "sub": f"user-{i}",
+                                                       "exp": exp}, key, algorithm="ES256",
+                                                      headers={"kid": "bench"})) for i in range(n)]
+
+
 def _seed_key(redis_url: str) -> str:
     from proxy.config import load_text
     from proxy.keys import add
@@ -240,7 +257,9 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = 
                                         f"http://127.0.0.1:{up.port}"], p, under_test=True)
         cfg = workdir / "failgate.yaml"
         fg_port, fg_admin = _port(), _port()
-        _failgate_config(cfg, fg_port, fg_admin, up.port, f"redis://127.0.0.1:{fault_port}/0")
+        tokens = _jwt_tokens(workdir / "jwks.json", 1000)
+        _failgate_config(cfg, fg_port, fg_admin, up.port, f"redis://127.0.0.1:{fault_port}/0",
+                         jwks_file=workdir / "jwks.json")
         bench.spawn("failgate", [py, "-m", "proxy", "run", "-c", str(cfg)], fg_port, under_test=True)
         nginx = peers.nginx()
         if nginx is not None:
@@ -275,6 +294,13 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = 
             for c in (64, 8, 1):
                 bench.measure("failgate auth + rate_limit", base + "/auth-rl", concurrency=c,
                               servers=("failgate", "redis"), headers=bearer)
+            # auth answered from memory: an API key from cache_for, an authorizer's verdict from cache_for (the
+            # upstream's /check allows), 1,000 JWTs in rotation from the verified-token memory
+            bench.measure("failgate auth from cache_for", base + "/auth-cached", servers=("failgate",), headers=bearer)
+            bench.measure("failgate http authorizer, cache_for", base + "/authz-cached", servers=("failgate",),
+                          headers=bearer)
+            run_load(Options(base + "/jwt", concurrency=8, duration=2.0, warmup=0.0, progress=False, rotate=tokens))
+            bench.measure("failgate jwt, 1,000 tokens", base + "/jwt", servers=("failgate",), rotate=tokens)
         if want("rate_limit"):
             for algo in ("fixed", "sliding", "gcra"):
                 bench.measure(f"failgate rate_limit {algo}", base + f"/rl/{algo}", servers=("failgate", "redis"))
@@ -367,7 +393,8 @@ def cross_check(bench: Bench) -> None:
         return
     print("wrk cross-check (64 connections):")
     for row in [r for r in bench.rows if r.concurrency == 64 and not r.note and not r.result["degraded"]
-                and "auth" not in r.scenario and not r.scenario.startswith("store ")]:  # (wrk sends no credential)
+                and "auth" not in r.scenario and "jwt" not in r.scenario
+                and not r.scenario.startswith("store ")]:  # (wrk sends no credential)
         rps = peers.wrk_rps(row.target, 64, bench.duration)
         if rps is not None:
             bench.wrk.append((row.scenario, 64, row.result["rps"], rps))
