@@ -145,7 +145,7 @@ class Proxy:
                         return self._done(request, rt, facts, moved)
                     check_headers, target = moved
                 if route.checked:
-                    facts.client = rt.client_address(request.remote, request.headers.getall("X-Forwarded-For", []))
+                    facts.client = rt.client_address(request.remote, request.headers)
                     facts_for_authorizer: tuple[str, str, str | None, str] = ("GET", "/", None, rid)
                     if route.auth is not None and route.auth.remote:
                         uri = f"{target.path}?{target.query}" if target.query else target.path

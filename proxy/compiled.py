@@ -202,13 +202,14 @@ class Runtime:
     def is_trusted_peer(self, peer: str | None) -> bool:
         return bool(self.trusted) and peer is not None and self._is_trusted(peer)
 
-    def client_address(self, peer: str | None, xff: list[str]) -> str:
-        """The rightmost address not in `trusted_proxies` (the peer itself when it is not trusted)."""
+    def client_address(self, peer: str | None, headers: Any) -> str:
+        """The rightmost address of X-Forwarded-For not in `trusted_proxies` (the peer itself when it is not
+        trusted)."""
         if peer is None:
             return ""
         if not self.trusted or not self._is_trusted(peer):
             return peer
-        hops = [h.strip() for v in xff for h in v.split(",") if h.strip()]
+        hops = [h.strip() for v in headers.getall("X-Forwarded-For", ()) for h in v.split(",") if h.strip()]
         for hop in reversed(hops):
             if not self._is_trusted(hop):
                 return hop
