@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .load import Options, run_load
-from .suite import ROOT, _failgate_config, _jwt_tokens, _port, _seed_key, _wait_port
+from .suite import ROOT, _failgate_config, _jwt_tokens, _port, _seed_key, _wait_port, stop_processes
 
 
 def _control(*args: str) -> None:
@@ -150,14 +150,7 @@ def main() -> int:
             print(f"  {name:<30} {per / 1000:8.0f}k  over {n} responses{extra}  [{each}]")
         return 0
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_processes(procs, work)
 
 
 if __name__ == "__main__":

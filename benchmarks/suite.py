@@ -221,6 +221,18 @@ def _jwt_tokens(jwks_path: Path, n: int) -> list[tuple[str, str]]:
                                                       headers={"kid": "bench"})) for i in range(n)]
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], work: Path) -> None:
+    """End what a benchmark started (politely, then not) and remove its work directory."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def _seed_key(redis_url: str) -> str:
     from proxy.config import load_text
     from proxy.keys import add

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .load import Options, run_load
-from .suite import _cpu_seconds, _failgate_config, _port, _wait_port
+from .suite import _cpu_seconds, _failgate_config, _port, _wait_port, stop_processes
 
 
 def _tree(pid: int) -> list[int]:
@@ -86,14 +86,7 @@ def main() -> int:
                 fg.wait(30)
         return 0
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_processes(procs, work)
 
 
 if __name__ == "__main__":
