@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config.schema import Upstream
@@ -246,7 +246,9 @@ class UpstreamClient:
                 raise failed from None
             assert upstream is not None
             if content is not None:
-                resp = web.Response(status=upstream.status, reason=upstream.reason, body=content)
+                typed = hdrs.CONTENT_TYPE in upstream.headers
+                resp = (web.Response if typed else _UntypedResponse)(status=upstream.status, reason=upstream.reason,
+                                                                     body=content)
                 copy_response_headers(upstream.headers, resp.headers, _NO_LENGTH)
                 for name, value in out.reply_headers:
                     resp.headers[name] = value
@@ -263,7 +265,8 @@ class UpstreamClient:
     async def _stream(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, out: Outgoing
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        typed = hdrs.CONTENT_TYPE in upstream.headers
+        resp = (web.StreamResponse if typed else _UntypedStream)(status=upstream.status, reason=upstream.reason)
         headers = resp.headers
         copy_response_headers(upstream.headers, headers)
         for name, value in out.reply_headers:
@@ -296,6 +299,24 @@ class UpstreamClient:
         else:
             upstream.release()
         return resp
+
+
+class _UntypedResponse(web.Response):
+    """A relayed response whose upstream gave no Content-Type: aiohttp gives every body without one
+    `application/octet-stream` while it prepares the headers; a proxy adds no type the upstream did not (a client
+    may sniff it)."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall(hdrs.CONTENT_TYPE, None)
+
+
+class _UntypedStream(web.StreamResponse):
+    """The same for a streamed response."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall(hdrs.CONTENT_TYPE, None)
 
 
 def upstream_headers(request: web.BaseRequest, strip: frozenset[str], own: frozenset[str], upstream: UpstreamClient,

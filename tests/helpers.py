@@ -294,7 +294,8 @@ async def drain_body(it: AsyncIterator[bytes]) -> int:
 @dataclass
 class RawUpstream:
     """A bare asyncio server: keeps every request head as the bytes that reached it (no HTTP library between
-    them and the test to normalize anything) and answers 200 `ok`."""
+    them and the test to normalize anything) and answers 200 `ok` without a Content-Type (chunked for GET
+    /chunked)."""
 
     port: int = 0
     heads: list[bytes] = field(default_factory=list)
@@ -340,7 +341,10 @@ class RawUpstream:
                     length = int(text.split("content-length:", 1)[1].split("\r\n", 1)[0])
                     body = await reader.readexactly(length)
                 self.bodies.append(body)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                if head.startswith(b"GET /chunked "):  # a streamed answer (no length), and like the other no type
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass

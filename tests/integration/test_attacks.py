@@ -377,3 +377,11 @@ async def test_a_compressed_request_body_reaches_the_upstream_as_sent(rig: Rig) 
         assert status.split()[1] == b"200", (framing, status)
         assert rig.upstream.header("Content-Encoding") == ["gzip"]
         assert rig.upstream.bodies[-1] == packed
+
+
+async def test_a_response_without_a_type_is_relayed_without_one(rig: Rig) -> None:
+    # aiohttp would label it application/octet-stream; a client that sniffs the type could no longer do so
+    for path in ("/plain", "/chunked"):
+        status, response = await rig.get(path, "Host: t")
+        assert status.split()[1] == b"200", path
+        assert response.body == b"ok" and "content-type" not in response.headers, (path, response.headers)
