@@ -356,6 +356,9 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = 
         if want("timeline"):
             timeline = _timeline(bench, base, switch)
         _ratios(bench.rows)
+        table = peer_table(bench.rows)
+        if table:
+            print("\n".join(["against peers (CPU µs per request of the serving process, 64 connections):", *table]))
         paths = _write(bench, Path(out), timeline)
         print("results: " + ", ".join(str(p) for p in paths))
         return 0
@@ -420,6 +423,48 @@ def _ratios(rows: list[Row]) -> None:
             r.ratio = round(r.result["rps"] / direct[r.concurrency], 3)
 
 
+# The peer table: (label, scenario, serving process). Failgate's goals are ratios within one run.
+_PEERS = (("nginx proxy_pass", "nginx proxy_pass", "nginx"),
+          ("nginx + Lua + Redis limiter", "nginx + Lua + Redis limiter", "nginx"),
+          ("reference aiohttp proxy", "reference proxy (aiohttp)", "reference"),
+          ("Failgate passthrough", "failgate passthrough", "failgate"),
+          ("Failgate rate limit (sliding window)", "failgate rate_limit sliding", "failgate"),
+          ("Failgate auth", "failgate auth", "failgate"),
+          ("Failgate auth + rate limit", "failgate auth + rate_limit", "failgate"))
+
+
+def peer_table(rows: list[Row]) -> list[str]:
+    """Each peer's CPU per request next to Failgate's, and the goals as ratios (markdown lines; [] when the run
+    had no passthrough row)."""
+    cpu: dict[str, tuple[float, float | None]] = {}
+    for label, scenario, server in _PEERS:
+        row = next((r for r in rows if r.scenario == scenario and r.concurrency == 64), None)
+        if row is not None and server in row.cpu_us:
+            cpu[label] = (row.cpu_us[server], row.cpu_us.get("redis"))
+    if "Failgate passthrough" not in cpu:
+        return []
+    passthrough = cpu["Failgate passthrough"][0]
+    reference = cpu.get("reference aiohttp proxy", (0.0, None))[0]
+    limiter = cpu.get("nginx + Lua + Redis limiter", (0.0, None))[0]
+
+    def note(label: str, own: float) -> str:
+        if label == "Failgate passthrough" and reference:
+            return f"{own / reference:.2f}x the reference proxy (goal: at most 1x)"
+        if label == "Failgate rate limit (sliding window)":
+            text = f"+{own - passthrough:.1f} over passthrough (goal: +10)"
+            return text + (f"; {own / limiter:.1f}x the nginx limiter (anchor: 3x)" if limiter else "")
+        if label == "Failgate auth + rate limit":
+            return f"+{own - passthrough:.1f} over passthrough (goal: +15)"
+        if label == "Failgate auth":
+            return f"+{own - passthrough:.1f} over passthrough"
+        return ""
+
+    lines = ["| | CPU µs/req | |", "|---|---|---|"]
+    for label, (own, redis) in cpu.items():
+        lines.append(f"| {label} | {own:.1f}{f' (+{redis:.1f})' if redis is not None else ''} | {note(label, own)} |")
+    return lines
+
+
 def _machine() -> str:
     model = "unknown CPU"
     with contextlib.suppress(OSError):
@@ -446,6 +491,10 @@ def _write(bench: Bench, out: Path, timeline: dict[str, Any] | None) -> list[Pat
         lines.append(f"| {r.scenario} | {r.concurrency} | {r.result['rps']:.0f} | "
                      f"{r.ratio if r.ratio is not None else ''} | {lat['p50'] / 1000:.2f} | {lat['p99'] / 1000:.2f} | "
                      f"{cpu} | {r.result['statuses']} | {r.result['degraded'] or ''} |")
+    table = peer_table(bench.rows)
+    if table:
+        lines += ["", "## Against peers", "", "CPU µs per request of the serving process (Redis's in parentheses), "
+                  "64 connections, from the rows above.", "", *table]
     if bench.wrk:
         lines += ["", "## Cross-check with wrk", "", "| scenario | c | generator req/s | wrk req/s |",
                   "|---|---|---|---|"]

@@ -1,0 +1,31 @@
+"""The suite's peer table (benchmarks/suite.py): each peer's CPU per request next to Failgate's, and the goals as
+ratios computed from the same run's rows."""
+
+from __future__ import annotations
+
+from benchmarks.suite import Row, peer_table
+
+
+def _row(scenario: str, cpu: dict[str, float], concurrency: int = 64) -> Row:
+    return Row(scenario, "http://x", concurrency, {}, cpu)
+
+
+def test_the_goals_are_ratios_of_the_same_run() -> None:
+    rows = [_row("reference proxy (aiohttp)", {"reference": 100.0}),
+            _row("nginx + Lua + Redis limiter", {"nginx": 20.0, "redis": 5.0}),
+            _row("failgate passthrough", {"failgate": 110.0}),
+            _row("failgate passthrough", {"failgate": 300.0}, concurrency=1),  # only 64 connections count
+            _row("failgate rate_limit sliding", {"failgate": 130.0, "redis": 9.0}),
+            _row("failgate auth + rate_limit", {"failgate": 150.0, "redis": 10.0})]
+    table = peer_table(rows)
+    assert table[0] == "| | CPU µs/req | |"
+    assert "| Failgate passthrough | 110.0 | 1.10x the reference proxy (goal: at most 1x) |" in table
+    assert ("| Failgate rate limit (sliding window) | 130.0 (+9.0) | +20.0 over passthrough (goal: +10); 6.5x the "
+            "nginx limiter (anchor: 3x) |") in table
+    assert "| Failgate auth + rate limit | 150.0 (+10.0) | +40.0 over passthrough (goal: +15) |" in table
+    assert "| nginx + Lua + Redis limiter | 20.0 (+5.0) |  |" in table
+    assert not any("nginx proxy_pass" in line for line in table)  # a peer the run did not measure is left out
+
+
+def test_no_table_without_a_passthrough_row() -> None:
+    assert peer_table([_row("reference proxy (aiohttp)", {"reference": 100.0})]) == []
