@@ -16,8 +16,7 @@ Basis = Literal["checked", "open", "closed", "stale"]
 __all__ = ["Basis", "Decision", "Identity", "Quota", "Reason", "Verdict"]
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
+class Identity(NamedTuple):  # (made per request: a NamedTuple costs half what a frozen dataclass does)
     """Who a credential belongs to, as the auth check established it."""
 
     principal: str

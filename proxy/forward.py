@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -73,8 +74,7 @@ class Trace:
     bytes_in: int = 0  # request body bytes read from the client
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
+class Outgoing(NamedTuple):  # (made per request: a NamedTuple costs a third of what a frozen dataclass does)
     """What the app decided to send upstream."""
 
     method: str

@@ -13,6 +13,7 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 _HEX = "0123456789ABCDEFabcdef"
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -25,8 +26,7 @@ class BadTarget(ValueError):
     """The request target cannot be normalized safely: answer 400 with this message as the detail."""
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(NamedTuple):  # (made per request: a NamedTuple costs half what a frozen dataclass does)
     path: str  # normalized
     query: str  # raw, without "?"; "" when absent
     authority: str | None  # from an absolute-form target
