@@ -56,6 +56,9 @@ class Authorizer:
     allows: Remembered = field(default_factory=lambda: Remembered(100_000))
     denies: Remembered = field(default_factory=lambda: Remembered(10_000))
     session: aiohttp.ClientSession | None = None
+    # With cache_for: the calls under way, by memory key — the same question asked again meanwhile waits for
+    # that answer instead of asking again (an expired verdict under load is one call, not one per request).
+    asking: dict[tuple[Any, ...], asyncio.Future[Verdict]] = field(default_factory=dict)
 
     async def close(self) -> None:
         if self.session is not None:
@@ -91,6 +94,9 @@ class HttpAuthCheck(CheckKind):
                 hit = memory.get(key)
                 if hit is not None and now - hit[1] < self.cfg.cache_for:
                     return hit[0], None
+        shared = self.cfg.cache_for > 0  # (without cache_for every request is asked about on its own)
+        if shared and (asked := authorizer.asking.get(key)) is not None:
+            return None, asked
         if not authorizer.breaker.allow():
             self._requests["breaker_open"].inc()
             return self._failed(key, StoreUnavailable("breaker_open", "the authorizer breaker is open"), now), None
@@ -99,7 +105,11 @@ class HttpAuthCheck(CheckKind):
                      "X-Request-Id": request_id})
         if host is not None:
             sent["X-Forwarded-Host"] = host
-        return None, asyncio.ensure_future(self._call(key, sent, now))
+        call = asyncio.ensure_future(self._call(key, sent, now))
+        if shared:
+            authorizer.asking[key] = call
+            call.add_done_callback(lambda _: authorizer.asking.pop(key, None))
+        return None, call
 
     def memory_key(self, headers: Any, method: str, uri: str, host: str | None) -> tuple[Any, ...]:
         """What a remembered verdict is filed under: never reused for another route, method, host or path."""

@@ -188,3 +188,25 @@ def _evalsha(redis_server: RedisServer) -> int:
     info = redis_server.command("INFO", "commandstats").decode()
     m = re.search(r"^cmdstat_evalsha:calls=(\d+)", info, re.M)
     return int(m[1]) if m else 0
+
+
+@pytest.mark.parametrize("cache_for", ["5s", "0s"])
+async def test_the_same_question_asked_meanwhile_shares_one_call(upstream: Upstream, authz: AuthzServer,
+                                                                 cache_for: str) -> None:
+    # A verdict expired from cache_for under load is one call, not one per request; without cache_for every request
+    # is asked about on its own (it carries its own client address and request id).
+    text = config_text(upstream.url, f"""\
+- name: app
+  match: {{path: /app, prefix: true}}
+  upstream: api
+  auth: {{type: http, url: '{authz.url}', timeout: 5s, cache_for: {cache_for}, on_store_error: closed}}
+""")
+    async with InProcessProxy(text) as p:
+        authz.mode = "gate"
+        waiting = [asyncio.ensure_future(get(p, "/app/x", "Bearer good")) for _ in range(20)]
+        await until("every request is in the proxy", lambda: p.serving.runtime.active == 20)
+        await until("the authorizer was asked", lambda: len(authz.calls) >= 1)
+        authz.release.set()
+        statuses = [r.status for r in await asyncio.gather(*waiting)]
+        assert statuses == [200] * 20
+        assert len(authz.calls) == (1 if cache_for == "5s" else 20)
