@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode
 
+from .background import Background
 from .keyspace import record_key
 from .keyspace import revoked_key as log_key
 from .observe.metrics import REVOCATIONS
@@ -83,7 +84,7 @@ def channel_client(url: str, connect_timeout: float, turn: int) -> aioredis.Redi
                           socket_connect_timeout=connect_timeout, health_check_interval=5)
 
 
-class RevocationFeed:
+class RevocationFeed(Background):
     """Subscribes, replays the log on every (re)connection, applies what it learns; reconnects with backoff."""
 
     def __init__(self, url: str, prefix: str, connect_timeout: float, apply: Apply) -> None:
@@ -92,15 +93,6 @@ class RevocationFeed:
         self.connect_timeout = connect_timeout
         self.apply = apply
         self.state = "connecting"  # subscribed | no channel permission | disconnected
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         backoff = 0.2
@@ -164,7 +156,7 @@ async def _close(pubsub: Any, client: aioredis.Redis) -> None:
         pass
 
 
-class RevocationDesk:
+class RevocationDesk(Background):
     """Admin-listener revocations: to every serving process at once, to the state directory, to the store."""
 
     def __init__(self, url: str, prefix: str, connect_timeout: float, state: StateDir | None,
@@ -176,20 +168,11 @@ class RevocationDesk:
         self.broadcast = broadcast
         self.revoked: dict[str, float] = {}
         self.pending: list[str] = []
-        self._task: asyncio.Task[None] | None = None
         if state is not None:
             saved = state.load_revocations()
             now = time.time()
             self.revoked = {d: at for d, at in saved.revoked if now - at <= KEEP}
             self.pending = [d for d in saved.pending if d in self.revoked]
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._retry())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def revoke(self, digest: str) -> dict[str, Any]:
         now = time.time()
@@ -239,7 +222,7 @@ class RevocationDesk:
         self._persist()
         return True
 
-    async def _retry(self) -> None:
+    async def _run(self) -> None:
         while True:
             await asyncio.sleep(2.0)
             if self.pending:

@@ -28,6 +28,7 @@ import redis.asyncio.sentinel as asentinel
 import redis.exceptions
 import redis.sentinel
 
+from ..background import Background
 from .hosts import userinfo_and_hosts
 
 log = logging.getLogger("failgate.sentinel")
@@ -117,22 +118,13 @@ class Locator:
             await s.aclose()
 
 
-class SwitchWatch:
+class SwitchWatch(Background):
     """Subscribed to `+switch-master` on one sentinel after another: calls `moved()` when our master moved."""
 
     def __init__(self, spec: SentinelUrl, timeout: float, moved: Callable[[], None]) -> None:
         self.spec = spec
         self.timeout = timeout
         self.moved = moved
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         turn = 0
