@@ -28,6 +28,7 @@ import msgspec
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
+from .background import Background
 from .deadline import within
 from .observe.metrics import register_owned
 from .statefiles import StateDir, write_private
@@ -132,7 +133,7 @@ def load_persisted(state: StateDir | None, source: str) -> PersistedSet | None:
     return saved if saved.source == source else None
 
 
-class JwksFetcher:
+class JwksFetcher(Background):
     """Fetches one `jwks_url` in the background; `publish(jwks or None, fetched_at, failure)` gets every result."""
 
     def __init__(self, url: str, *, refresh: float, timeout: float, state: StateDir | None,
@@ -148,7 +149,6 @@ class JwksFetcher:
         self.jwks: Any = None
         self.first = asyncio.Event()  # set after the first fetch, whatever its outcome (or a persisted set)
         self.fetches = 0
-        self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._last_refetch = -REFETCH_EVERY
         self._session: aiohttp.ClientSession | None = None
@@ -161,12 +161,10 @@ class JwksFetcher:
             log.info("key set for %s loaded from the state directory (fetched %.0fs ago)", self.url,
                      time.time() - saved.fetched_at)
             self.first.set()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        super().start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await super().stop()
         if self._session is not None:
             await self._session.close()
 
