@@ -203,34 +203,30 @@ def _pick_cost(balance: str, n: int, calls: int = 200_000) -> float:
     return best / calls * 1e6
 
 
+def _counted(store: str, path: str, batches: int) -> float:
+    """Instructions per request of one case: callgrind runs it with N and 3N batches; the difference of the totals
+    over the requests between them."""
+    totals = []
+    for n in (batches, 3 * batches):
+        done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+                               "-m", f"{__package__}.pipeline_cost", "--one", store, path, "--batches", str(n)],
+                              capture_output=True, text=True, check=True)
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        assert found, done.stderr[-2000:]
+        totals.append(int(found.group(1)))
+    return (totals[1] - totals[0]) / (2 * batches * 64)
+
+
 def count_instructions(batches: int) -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("--instructions needs valgrind")
     print(f"instructions per request (callgrind; {batches} and {3 * batches} batches of 64 per case)")
     for store in STORES:
         for case, path in CASES.items():
-            totals = []
-            for n in (batches, 3 * batches):
-                done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                                       sys.executable, "-m", f"{__package__}.pipeline_cost", "--one", store, path,
-                                       "--batches", str(n)], capture_output=True, text=True, check=True)
-                found = re.search(r"Collected : (\d+)", done.stderr)
-                assert found, done.stderr[-2000:]
-                totals.append(int(found.group(1)))
-            print(f"  {case:<22} store {store:<10} {(totals[1] - totals[0]) / (2 * batches * 64) / 1000:7.1f}k",
-                  flush=True)
+            print(f"  {case:<22} store {store:<10} {_counted(store, path, batches) / 1000:7.1f}k", flush=True)
     for case, path in AUTH_CASES.items():
-        totals = []
-        for n in (batches, 3 * batches):
-            done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-                                   "-m", f"{__package__}.pipeline_cost", "--one", "memory", path, "--batches", str(n)],
-                                  capture_output=True, text=True, check=True)
-            found = re.search(r"Collected : (\d+)", done.stderr)
-            assert found, done.stderr[-2000:]
-            totals.append(int(found.group(1)))
-        print(f"  {case:<33} {(totals[1] - totals[0]) / (2 * batches * 64) / 1000:7.1f}k  ({ROTATION} credentials "
-              "in rotation)", flush=True)
-
+        print(f"  {case:<33} {_counted('memory', path, batches) / 1000:7.1f}k  ({ROTATION} credentials in rotation)",
+              flush=True)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_cost", description=__doc__.split("\n")[0])

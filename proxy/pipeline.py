@@ -13,7 +13,6 @@ slows down credential guessing).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -62,8 +61,7 @@ async def run_checks(rt: Runtime, route: Route, headers: Any, client: str,
 
     # --- decide ---
     if authz is not None:
-        # shielded: a request that goes away must not cancel a call other requests may be waiting for
-        auth_verdict = await asyncio.shield(authz)
+        auth_verdict = await authz
     if auth is not None:
         if auth_verdict is None:
             assert digest is not None

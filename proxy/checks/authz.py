@@ -86,7 +86,9 @@ class HttpAuthCheck(CheckKind):
 
     def begin(self, headers: Any, method: str, uri: str, host: str | None, client: str, request_id: str,
               now: float) -> tuple[Verdict | None, asyncio.Future[Verdict] | None]:
-        """(a verdict reached without calling, from `cache_for`) or (None, the call, already under way)."""
+        """(a verdict reached without calling, from `cache_for`) or (None, the call, already under way). A call
+        shared with other requests (`cache_for`) is handed out shielded: a request that goes away cannot cancel it
+        for the others."""
         key = self.memory_key(headers, method, uri, host)
         authorizer = self.authorizer
         if self.cfg.cache_for > 0:
@@ -96,7 +98,7 @@ class HttpAuthCheck(CheckKind):
                     return hit[0], None
         shared = self.cfg.cache_for > 0  # (without cache_for every request is asked about on its own)
         if shared and (asked := authorizer.asking.get(key)) is not None:
-            return None, asked
+            return None, asyncio.shield(asked)
         if not authorizer.breaker.allow():
             self._requests["breaker_open"].inc()
             return self._failed(key, StoreUnavailable("breaker_open", "the authorizer breaker is open"), now), None
@@ -106,10 +108,11 @@ class HttpAuthCheck(CheckKind):
         if host is not None:
             sent["X-Forwarded-Host"] = host
         call = asyncio.ensure_future(self._call(key, sent, now))
-        if shared:
-            authorizer.asking[key] = call
-            call.add_done_callback(lambda _: authorizer.asking.pop(key, None))
-        return None, call
+        if not shared:
+            return None, call
+        authorizer.asking[key] = call
+        call.add_done_callback(lambda _: authorizer.asking.pop(key, None))
+        return None, asyncio.shield(call)
 
     def memory_key(self, headers: Any, method: str, uri: str, host: str | None) -> tuple[Any, ...]:
         """What a remembered verdict is filed under: never reused for another route, method, host or path."""
