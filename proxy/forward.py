@@ -1,6 +1,6 @@
 """Streams a request to its upstream and the response back, in bounded memory both ways.
 
-One pooled ClientSession per upstream target (targets.py picks the target and keeps its health). Time budgets:
+One connection pool per upstream target (pool.py; targets.py picks the target and keeps its health). Time budgets:
 `connect_timeout` (502), `timeout` until the response headers (504), `idle_timeout` for any pause while a body
 streams either way (the stream is cut; the status was already sent).
 
@@ -24,6 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config.schema import Upstream
 from .observe.metrics import UPSTREAM_DURATION, UPSTREAM_RETRIES, FastHistogram, incrementer
+from .pool import Response
 from .targets import Balancer, Target
 from .timeouts import expiry
 
@@ -194,17 +195,15 @@ class UpstreamClient:
         balancer = self.balancer
         started = time.perf_counter()
         content: bytes | None = None
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: Response | None = None
         target.in_flight += 1
         try:
             # One deadline per request: `timeout` until the headers, then — for a small body read whole —
             # `idle_timeout`.
             try:
                 with expiry(self.cfg.timeout) as budget:
-                    upstream = await target.session.request(
-                        out.method, target.url_for(out.path_qs), headers=out.headers, data=data,
-                        allow_redirects=False, compress=None, auto_decompress=False,
-                    )
+                    upstream = await target.pool.request(out.method, target.base_path + out.path_qs, out.headers,
+                                                         data)
                     took = time.perf_counter() - started
                     self._duration.observe(took)
                     if trace is not None:
@@ -263,7 +262,7 @@ class UpstreamClient:
         return UpstreamFailed(status, detail, out.reply_headers)
 
     async def _stream(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, out: Outgoing
+        self, request: web.BaseRequest, upstream: Response, out: Outgoing
     ) -> web.StreamResponse:
         typed = hdrs.CONTENT_TYPE in upstream.headers
         resp = (web.StreamResponse if typed else _UntypedStream)(status=upstream.status, reason=upstream.reason)

@@ -1,7 +1,8 @@
 """An upstream's targets: which one a request goes to, and which ones are out (passive health).
 
-Each target has its own pooled session and its own health, kept across a reload while its URL and connection
-settings do not change (so a reload neither drops warm connections nor re-admits a target it took out).
+Each target has its own pool of keep-alive connections (pool.py) and its own health, kept across a reload while its
+URL and connection settings do not change (so a reload neither drops warm connections nor re-admits a target it
+took out).
 
 Balancing: `round_robin` takes the targets in turn; `least_request` takes the one with the fewest requests in
 flight in this process (ties in turn). A target that is out is skipped.
@@ -22,22 +23,20 @@ import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
-import aiohttp
 from aiohttp import BasicAuth
 from yarl import URL
 
 from .config.values import redact_url
 from .observe.metrics import UPSTREAM_TARGET_UP
+from .pool import Pool, tls_context
 
 log = logging.getLogger("failgate.upstream")
 # Told of every target taken out or put back (a worker tells its parent, whose /readyz shows every worker's view).
 on_change: Callable[[Target], None] | None = None
 
-_CHUNK = 1 << 16
-
 
 class Settings(NamedTuple):
-    """What a target's pooled session depends on: a change means a new session (and fresh health)."""
+    """What a target's connection pool depends on: a change means a new pool (and fresh health)."""
 
     upstream: str
     url: str
@@ -46,7 +45,7 @@ class Settings(NamedTuple):
 
 
 class Target:
-    """One target URL of an upstream: its pooled session, its requests in flight, its health."""
+    """One target URL of an upstream: its connection pool, its requests in flight, its health."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -59,7 +58,9 @@ class Target:
         self.host_header = host if url.explicit_port is None else f"{host}:{url.explicit_port}"
         self.authorization = BasicAuth(url.user or "", url.password or "").encode() if url.user is not None else None
         self._origin = f"{url.scheme}://{self.host_header}{url.raw_path.rstrip('/')}"
-        self._session: aiohttp.ClientSession | None = None
+        self.base_path = url.raw_path.rstrip("/")  # what a request's path is appended to
+        self._address = (url.raw_host or "", url.port or 80, url.scheme == "https")
+        self._pool: Pool | None = None
         self.in_flight = 0
         self.failures = 0  # consecutive gateway failures
         self.out = False  # ejected: skipped by the balancer until `readmit`
@@ -71,32 +72,21 @@ class Target:
         return URL(self._origin + path_qs, encoded=True)
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        # Created lazily: a ClientSession must be made inside the running loop.
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=0, ssl=self.settings.tls_verify, keepalive_timeout=30, ttl_dns_cache=10,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                # No sock_read: aiohttp would re-arm a timer on every read. forward() keeps one timer per request.
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout, sock_read=None),
-                trust_env=False,
-                max_field_size=65536,
-                read_bufsize=_CHUNK,
-            )
-        return self._session
+    def pool(self) -> Pool:
+        # Created lazily, on the running loop.
+        if self._pool is None:
+            host, port, tls = self._address
+            self._pool = Pool(host, port, tls_context(self.settings.tls_verify) if tls else None,
+                              self.settings.connect_timeout)
+        return self._pool
 
     async def close(self) -> None:
         if self._readmit is not None:
             self._readmit.cancel()
             self._readmit = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     def forget(self) -> None:
         """No longer shown in metrics (removed from the config)."""

@@ -248,39 +248,39 @@ async def test_counters_survive_a_reload_and_a_changed_limit_applies_next(upstre
         assert [(await raw_request(p.port, "/x")).status for _ in range(4)] == [200, 200, 200, 429]
 
 
-async def test_in_flight_requests_finish_and_changed_upstream_sessions_close(upstream: Upstream) -> None:
+async def test_in_flight_requests_finish_and_changed_upstream_pools_close(upstream: Upstream) -> None:
     port, admin_port = free_port(), free_port()
     async with InProcessProxy(config_text(upstream.url, ALL, port=port, admin_port=admin_port)) as p:
         old = p.serving.runtime
         slow = asyncio.ensure_future(raw_request(p.port, "/sleep?s=0.5"))
         await until("the slow request is in flight", lambda: old.active == 1)
         [old_target] = old.targets.values()
-        assert old_target._session is not None
-        # the new config changes the target's connection settings (so a new session) and removes the route
+        assert old_target._pool is not None
+        # the new config changes the target's connection settings (so a new pool) and removes the route
         new_text = config_text(upstream.url, "- name: other\n  match: {path: /other}\n  upstream: api\n",
                                port=port, admin_port=admin_port, upstream_extra="connect_timeout: 2s\n")
         await p.serving.reload(load_text(new_text, "test.yaml"))
         assert (await raw_request(p.port, "/sleep?s=0")).status == 404  # new requests: the new routes
         r = await slow
         assert (r.status, r.body) == (200, b"slept")  # the old request finished on its old config
-        await until("the old pool is closed once drained", lambda: old.active == 0 and old_target._session is None)
+        await until("the old pool is closed once drained", lambda: old.active == 0 and old_target._pool is None)
         [new_target] = p.serving.runtime.targets.values()
         assert new_target is not old_target
         assert (await raw_request(p.port, "/other")).status == 200
 
 
-async def test_an_unchanged_upstream_keeps_its_pooled_session(upstream: Upstream) -> None:
+async def test_an_unchanged_upstream_keeps_its_connection_pool(upstream: Upstream) -> None:
     port, admin_port = free_port(), free_port()
     async with InProcessProxy(config_text(upstream.url, ALL, port=port, admin_port=admin_port)) as p:
         assert (await raw_request(p.port, "/a")).status == 200
         old = p.serving.runtime
         [target] = old.targets.values()
-        # `timeout` is read per request: changing it keeps the pooled session
+        # `timeout` is read per request: changing it keeps the pool
         await p.serving.reload(load_text(config_text(upstream.url, ALL, port=port, admin_port=admin_port,
                                                      extra="shutdown_grace: 3s\n", upstream_extra="timeout: 5s\n"),
                                          "test.yaml"))
         assert list(p.serving.runtime.targets.values()) == [target]
         assert (await raw_request(p.port, "/b")).status == 200
         await until("the old config is retired", lambda: not p.serving._retiring)
-        assert target._session is not None and not target._session.closed
+        assert target._pool is not None and not target._pool.closed
         assert len(set(upstream.peers)) == 1  # one pooled connection served both

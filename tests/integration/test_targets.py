@@ -259,13 +259,13 @@ async def test_a_reload_that_adds_a_target_keeps_the_pool_of_the_other(tmp_path:
         async with InProcessProxy(config([ts[0].url], port=port, admin_port=admin_port)) as p:
             assert await spread_in(p.url, 10) == {"t0": 10}
             [first] = p.serving.runtime.targets.values()
-            session = first._session
+            pool = first._pool
             await p.serving.reload(load_text(config([ts[0].url, ts[1].url], port=port, admin_port=admin_port),
                                              "test.yaml"))
             assert await spread_in(p.url, 10) == {"t0": 5, "t1": 5}
             await until("the old config is retired", lambda: not p.serving._retiring)
             assert first in p.serving.runtime.targets.values()
-            assert first._session is session and session is not None and not session.closed
+            assert first._pool is pool and pool is not None and not pool.closed
 
 
 async def spread_in(url: str, n: int) -> collections.Counter[str]:

@@ -256,7 +256,7 @@ async def test_a_tunnel_outlives_the_config_it_was_opened_under(
                                upstream_extra="connect_timeout: 2s\n")  # new target pools
         await p.serving.reload(load_text(new_text, "test.yaml"))
         await until("the old config is retired", lambda: not p.serving._retiring)
-        assert all(t._session is None for t in old.targets.values())
+        assert all(t._pool is None for t in old.targets.values())
         await ws.send_str("after")
         assert await ws.receive_str() == "after"
 

@@ -1,0 +1,231 @@
+"""Keep-alive HTTP/1.1 connections to one upstream target: what forward.py sends a request over.
+
+Built from aiohttp's own parts — its client protocol and C response parser (`ResponseHandler`), its request writer
+(`StreamWriter`, whose C serializer refuses a header with CR or LF) and its exceptions — without the ClientSession
+around them. Per request a ClientSession also parses a URL, merges default headers and cookies, builds a request
+and a response object, runs its trace hooks and arms its timers, none of which a proxy needs: on the benchmark
+machine it costs four times the CPU of this pool (`python -m benchmarks.client_cost`).
+
+What is kept of a client's duties:
+- connections are reused most recent first; one idle for 30 s is closed when the pool is next used, and one the
+  upstream closed is never handed out;
+- a reused connection the upstream closed before answering (its keep-alive ended as the request went out) is
+  retried once on a new connection when the request is idempotent and its body, if any, is held whole
+  (RFC 9112 §9.3.1) — nothing else is ever sent twice;
+- `connect_timeout` bounds the TCP connect and the TLS handshake; certificates are verified unless
+  `tls_verify: false`;
+- a streamed request body goes out while the response may already come back (an upstream may answer 413 early),
+  chunked when the client gave no Content-Length;
+- interim 1xx responses are skipped; a response to HEAD, and 204 and 304, has no body; a response with neither
+  a length nor chunked framing runs to the connection's end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+
+IDLE_FOR = 30.0  # a connection idle this long is closed rather than reused
+_CHUNK = 1 << 16  # read buffer
+_MAX_FIELD = 65536  # the longest response header line accepted
+_IDEMPOTENT = frozenset(["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"])
+# A request of any other method without a body says so (`Content-Length: 0`): some servers answer 411 otherwise.
+_BODILESS = frozenset(["GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"])
+
+
+class BadResponse(aiohttp.ClientError):
+    """The upstream's response could not be parsed as HTTP/1.1."""
+
+
+class _Connection(ResponseHandler):
+    """aiohttp's response protocol, which also leaves its pool's list of open connections when it closes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Pool) -> None:
+        super().__init__(loop)
+        self.pool = pool
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.pool.open.discard(self)
+
+
+class Response:
+    """An upstream's answer: status line, headers, and the body as aiohttp's StreamReader (`content`). Give the
+    connection back with `read()` or `release()` once the body is consumed, or `close()` it."""
+
+    __slots__ = ("_conn", "_sending", "content", "headers", "reason", "status")
+
+    def __init__(self, conn: _Connection, status: int, reason: str, headers: CIMultiDictProxy[str],
+                 content: StreamReader, sending: asyncio.Task[None] | None) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content = content
+        self._conn = conn
+        self._sending = sending  # the request body still going out, if streamed
+
+    @property
+    def content_length(self) -> int | None:
+        length = self.headers.get("Content-Length")
+        return int(length) if length is not None else None  # the parser accepted only digits
+
+    async def read(self) -> bytes:
+        try:
+            body = await self.content.read()
+        except BaseException:
+            self.close()
+            raise
+        self.release()
+        return body
+
+    def release(self) -> None:
+        """The body was read to its end: the connection is reused if both sides of the exchange are complete."""
+        conn = self._conn
+        sending = self._sending
+        if sending is not None and not sending.done():
+            sending.cancel()
+            conn.close()
+        elif conn.should_close or not conn.is_connected():
+            conn.close()
+        else:
+            conn.pool.idle.append((conn, time.monotonic()))
+
+    def close(self) -> None:
+        if self._sending is not None and not self._sending.done():
+            self._sending.cancel()
+        self._conn.close()
+
+
+class Pool:
+    """Connections to one target (`host`, `port`; TLS when `tls` is a context)."""
+
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None, connect_timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.connect_timeout = connect_timeout
+        self.idle: deque[tuple[_Connection, float]] = deque()  # most recently used last
+        self.open: set[_Connection] = set()
+        self.closed = False
+
+    async def request(self, method: str, path_qs: str, headers: CIMultiDict[str],
+                      data: AsyncIterator[bytes] | bytes | None) -> Response:
+        """Send a request and wait for its response's status and headers; raises aiohttp's client exceptions
+        (and OSError for a refused connection) as a ClientSession would."""
+        conn = self._take()
+        if conn is None:
+            return await self._exchange(await self._connect(), method, path_qs, headers, data)
+        try:
+            return await self._exchange(conn, method, path_qs, headers, data)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError):
+            if method not in _IDEMPOTENT or (data is not None and type(data) is not bytes):
+                raise
+        return await self._exchange(await self._connect(), method, path_qs, headers, data)
+
+    def _take(self) -> _Connection | None:
+        idle = self.idle
+        if not idle:
+            return None
+        stale = time.monotonic() - IDLE_FOR
+        while idle and idle[0][1] < stale:
+            idle.popleft()[0].close()
+        while idle:
+            conn = idle.pop()[0]
+            if conn.is_connected():
+                return conn
+        return None
+
+    async def _connect(self) -> _Connection:
+        if self.closed:
+            raise aiohttp.ClientConnectionError("the upstream's connections were closed (reload or shutdown)")
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(lambda: _Connection(loop, self), self.host, self.port,
+                                                       ssl=self.tls)
+        except TimeoutError:
+            raise aiohttp.ConnectionTimeoutError(f"could not connect to {self.host}:{self.port} in time") from None
+        self.open.add(conn)
+        return conn
+
+    async def _exchange(self, conn: _Connection, method: str, path_qs: str, headers: CIMultiDict[str],
+                        data: AsyncIterator[bytes] | bytes | None) -> Response:
+        conn.set_response_params(skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
+                                 max_field_size=_MAX_FIELD, read_bufsize=_CHUNK)
+        writer = StreamWriter(conn, conn._loop)
+        sending = None
+        try:
+            if data is None:
+                if method not in _BODILESS and "Content-Length" not in headers:
+                    headers["Content-Length"] = "0"
+                await writer.write_headers(f"{method} {path_qs} HTTP/1.1", headers)
+                writer.set_eof()
+            elif isinstance(data, bytes):
+                headers["Content-Length"] = str(len(data))
+                await writer.write_headers(f"{method} {path_qs} HTTP/1.1", headers)
+                await writer.write_eof(data)
+            else:
+                if "Content-Length" not in headers:
+                    headers["Transfer-Encoding"] = "chunked"
+                    writer.enable_chunking()
+                await writer.write_headers(f"{method} {path_qs} HTTP/1.1", headers)
+                writer.send_headers()
+                sending = asyncio.get_running_loop().create_task(_send_body(conn, writer, data))
+            while True:
+                message, content = await conn.read()
+                if not 100 <= message.code <= 199 or message.code == 101:
+                    break  # an interim response (100 Continue, 103 Early Hints) is not the answer
+        except HttpProcessingError as exc:
+            conn.close()
+            if sending is not None:
+                sending.cancel()
+            raise BadResponse(f"the upstream's response is not valid HTTP: {exc.message}") from None
+        except BaseException:
+            conn.close()
+            if sending is not None:
+                sending.cancel()
+            raise
+        return Response(conn, message.code, message.reason, message.headers, content, sending)
+
+    async def close(self) -> None:
+        self.closed = True
+        self.idle.clear()
+        for conn in list(self.open):
+            conn.close()
+
+
+async def _send_body(conn: _Connection, writer: StreamWriter, data: AsyncIterator[bytes]) -> None:
+    """Stream a request body; a failure is handed to whoever waits for the response, as aiohttp does."""
+    try:
+        async for chunk in data:
+            await writer.write(chunk)
+        await writer.write_eof()
+    except OSError as exc:
+        if exc.errno is None and isinstance(exc, TimeoutError):
+            conn.set_exception(exc)  # the client's body went idle
+        else:
+            conn.set_exception(aiohttp.ClientOSError(exc.errno, "could not write the request body"), exc)
+    except asyncio.CancelledError:
+        conn.close()
+        raise
+    except Exception as exc:  # the body's own failure (too large, the client went away)
+        conn.set_exception(aiohttp.ClientConnectionError("the request body could not be sent"), exc)
+
+
+def tls_context(verify: bool) -> ssl.SSLContext:
+    """The system's trust store (SSL_CERT_FILE and SSL_CERT_DIR apply), or — `tls_verify: false` — none."""
+    ctx = ssl.create_default_context()
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
