@@ -199,7 +199,7 @@ class JwksFetcher(Background):
         """One fetch; (seconds until the next regular one, whether it succeeded)."""
         self.fetches += 1
         if self._session is None:
-            self._session = aiohttp.ClientSession(trust_env=False)
+            self._session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
         next_in = self.refresh
         try:
             async with within(self.timeout), self._session.get(self.url, allow_redirects=False) as resp:

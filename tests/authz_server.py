@@ -51,7 +51,9 @@ class AuthzServer:
         credential = request.headers.get("Authorization", "")
         if credential.startswith("Bearer good"):
             user = credential.rsplit("-", 1)[-1] if "-" in credential else "alice"
-            return web.Response(text="ok", headers={"X-User-Id": user, "X-User-Plan": "pro", "X-Other": "no"})
+            # (and a session cookie of its own, as authorizers behind a login page set: for that client only)
+            return web.Response(text="ok", headers={"X-User-Id": user, "X-User-Plan": "pro", "X-Other": "no",
+                                                    "Set-Cookie": f"authz_session={user}; Path=/"})
         if credential == "Bearer redirect":
             return web.Response(status=302, headers={"Location": "https://login.test/?next=/"})
         if credential == "Bearer forbidden":

@@ -121,8 +121,10 @@ class HttpAuthCheck(CheckKind):
     async def _call(self, key: tuple[Any, ...], sent: dict[str, str], now: float) -> Verdict:
         authorizer = self.authorizer
         if authorizer.session is None:
+            # No cookie jar: a cookie the authorizer sets while checking one client must never go with another's.
             authorizer.session = aiohttp.ClientSession(trust_env=False, auto_decompress=False,
-                                                       connector=aiohttp.TCPConnector(limit=100))
+                                                       connector=aiohttp.TCPConnector(limit=100),
+                                                       cookie_jar=aiohttp.DummyCookieJar())
         started = time.perf_counter()
         failure: StoreUnavailable | None
         try:

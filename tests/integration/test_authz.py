@@ -41,6 +41,17 @@ def seen(upstream: Upstream, name: str) -> list[str]:
     return [v for k, v in upstream.seen[-1]["headers"] if k.lower() == name.lower()]
 
 
+async def test_a_cookie_the_authorizer_sets_for_one_client_is_never_sent_for_another(upstream: Upstream,
+                                                                                       authz: AuthzServer) -> None:
+    # By name, not by address: an HTTP client's cookie jar keeps no cookie an IP address sets.
+    named = route(authz).replace("http://127.0.0.1:", "http://localhost:")
+    async with InProcessProxy(config_text(upstream.url, named)) as p:
+        assert (await get(p, "/app/x", "Bearer good-alice")).status == 200
+        assert (await get(p, "/app/x", "Bearer good-bob")).status == 200
+        assert len(authz.calls) == 2
+        assert "cookie" not in authz.calls[1]  # bob's check does not arrive as alice
+
+
 async def test_allow_deny_and_redirect_and_what_the_upstream_sees(upstream: Upstream, authz: AuthzServer) -> None:
     async with InProcessProxy(config_text(upstream.url, route(authz))) as p:
         r = await get(p, "/app/x?q=1", "Bearer good", **{"X-User-Id": "admin", "X_User_Id": "admin"})
