@@ -12,6 +12,7 @@ request that timed out (the target may be working on it).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -288,6 +289,9 @@ class UpstreamClient:
             # The client went away: drop the upstream connection rather than reuse it mid-body.
             upstream.close()
             raise ClientGone(resp) from None
+        except asyncio.CancelledError:  # (shutdown) the connection is mid-body: never left open or reused
+            upstream.close()
+            raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             # The upstream failed or went idle mid-body, or the client stopped reading. The status is gone
             # already: cut both sides, so the client sees a truncated response, not a complete one.

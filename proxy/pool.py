@@ -95,7 +95,7 @@ class Response:
         if sending is not None and not sending.done():
             sending.cancel()
             conn.close()
-        elif conn.should_close or not conn.is_connected():
+        elif conn.should_close or not conn.is_connected() or conn.pool.closed:
             conn.close()
         else:
             conn.pool.idle.append((conn, time.monotonic()))

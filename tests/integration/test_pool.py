@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
+from multidict import CIMultiDict
 
 import proxy.pool
 from tests.helpers import InProcessProxy, config_text, free_port, raw_request, until
@@ -167,3 +168,18 @@ async def test_a_response_that_is_not_http_is_a_502_and_its_connection_is_not_re
         assert r.status == 502
         assert (await raw_request(p.port, "/good")).status == 200
         assert up.connections == 2
+
+
+async def test_a_response_finished_after_its_pool_closed_does_not_keep_its_connection() -> None:
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await up.head(reader)
+            writer.write(OK)
+
+    async with Scripted(script) as up:
+        pool = proxy.pool.Pool("127.0.0.1", up.port, None, 5.0)
+        r = await pool.request("GET", "/x", CIMultiDict(Host="a"), None)
+        await pool.close()  # a reload retired this target while the response was in flight
+        assert await r.read() == b"ok"
+        await until("its connection is closed", lambda: not pool.open)
+        assert not pool.idle
