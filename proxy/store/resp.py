@@ -63,19 +63,24 @@ class _Group:
     """One request's commands; resolves its future when the last reply arrives: with the list of replies, or
     through `finish(future, replies, ctx)`, which must resolve it."""
 
-    __slots__ = ("ctx", "finish", "future", "needed", "replies")
+    __slots__ = ("batch", "ctx", "finish", "future", "needed", "replies")
 
-    def __init__(self, future: asyncio.Future[Any], needed: int, finish: Finish | None = None, ctx: Any = None) -> None:
+    def __init__(self, future: asyncio.Future[Any], needed: int, finish: Finish | None = None, ctx: Any = None,
+                 batch: _Batch | None = None) -> None:
         self.future = future
         self.needed = needed
         self.replies: list[Any] = []
         self.finish = finish
         self.ctx = ctx
+        self.batch = batch
 
     def add(self, reply: Any) -> None:
         replies = self.replies
         replies.append(reply)
         if len(replies) == self.needed:
+            batch = self.batch
+            if batch is not None:
+                batch.answered()
             future = self.future
             if future.done():
                 return  # its request timed out or went away: the reply is dropped, in order
@@ -90,6 +95,8 @@ class _Group:
                     future.set_exception(StoreUnavailable("error", f"undecodable reply: {exc!r}"))
 
     def fail(self, exc: StoreUnavailable) -> None:
+        if self.batch is not None:
+            self.batch.answered()
         if not self.future.done():
             self.future.set_exception(exc)
             # The awaiting request may already be gone; don't warn about a never-retrieved exception.
@@ -97,7 +104,7 @@ class _Group:
 
 
 class _Batch:
-    __slots__ = ("conn", "deadline", "groups", "payload", "seen_at_send")
+    __slots__ = ("conn", "deadline", "groups", "open", "payload", "seen_at_send")
 
     def __init__(self) -> None:
         self.groups: list[_Group] = []
@@ -105,6 +112,16 @@ class _Batch:
         self.conn: _Connection | None = None
         self.seen_at_send = 0  # the connection's `received` count when this batch was written
         self.deadline: Deadline | None = None
+        self.open = 0  # groups still waiting for their replies
+
+    def answered(self) -> None:
+        """One group has all its replies (or failed): once none waits, the deadline goes, not kept until due (a
+        timer left pending per batch held every batch's requests and replies in memory for `store.timeout`, and
+        cost more than the round trip itself)."""
+        self.open -= 1
+        if not self.open and self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
 
     def pending(self) -> bool:
         return any(not g.future.done() for g in self.groups)
@@ -193,7 +210,8 @@ class PipelinedClient:
         if batch is None:
             batch = self._batch = _Batch()
             self.loop.call_soon(self._flush)
-        batch.groups.append(_Group(future, count, finish, ctx))
+        batch.groups.append(_Group(future, count, finish, ctx, batch))
+        batch.open += 1
         batch.payload.append(payload)
         return future
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from collections.abc import AsyncIterator
 
@@ -10,7 +11,7 @@ import pytest
 
 from benchmarks.faultproxy import FaultProxy
 from proxy.checks import algorithms
-from proxy.store import GetOp, RateOp, StoreUnavailable
+from proxy.store import GetOp, RateOp, StoreUnavailable, resp
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from tests.helpers import until
@@ -227,6 +228,18 @@ async def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(redi
         results = await asyncio.gather(*(s.execute([GetOp(f"t:v{i}")]) for i in range(n)))
         assert results == [[f"value-{i}".encode()] for i in range(n)]
         assert writes == 1  # 500 requests in one loop turn: one write
+    finally:
+        await s.close()
+
+
+async def test_an_answered_batch_is_not_kept_until_its_deadline(redis_server: RedisServer) -> None:
+    s = redis_store(redis_server.url, timeout=30.0)  # a deadline that will not come during this test
+    try:
+        for i in range(20):  # 20 batches, one per loop turn
+            await s.execute([GetOp(f"t:k{i}")])
+        gc.collect()
+        # Each batch's deadline goes once every reply is in: nothing holds a batch (its requests, its replies).
+        assert [o for o in gc.get_objects() if type(o) is resp._Batch] == []
     finally:
         await s.close()
 
