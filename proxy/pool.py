@@ -155,7 +155,8 @@ class Pool:
                                                        ssl=self.tls)
         except TimeoutError:
             raise aiohttp.ConnectionTimeoutError(f"could not connect to {self.host}:{self.port} in time") from None
-        self.open.add(conn)
+        if conn.is_connected():  # (not if it was closed as soon as it opened)
+            self.open.add(conn)
         return conn
 
     async def _exchange(self, conn: _Connection, method: str, path_qs: str, headers: CIMultiDict[str],
