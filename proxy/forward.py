@@ -12,7 +12,6 @@ request that timed out (the target may be working on it).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -289,9 +288,6 @@ class UpstreamClient:
             # The client went away: drop the upstream connection rather than reuse it mid-body.
             upstream.close()
             raise ClientGone(resp) from None
-        except asyncio.CancelledError:  # (shutdown) the connection is mid-body: never left open or reused
-            upstream.close()
-            raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             # The upstream failed or went idle mid-body, or the client stopped reading. The status is gone
             # already: cut both sides, so the client sees a truncated response, not a complete one.
@@ -299,6 +295,9 @@ class UpstreamClient:
             upstream.close()
             if request.transport is not None:
                 request.transport.abort()
+        except BaseException:  # cancelled (shutdown), or anything unforeseen: mid-body, never left open or reused
+            upstream.close()
+            raise
         else:
             upstream.release()
         return resp
