@@ -10,7 +10,7 @@ import pytest
 from multidict import CIMultiDict
 
 import proxy.pool
-from tests.helpers import InProcessProxy, config_text, free_port, raw_request, until
+from tests.helpers import InProcessProxy, Upstream, config_text, free_port, raw_request, until
 
 ALL = "- name: all\n  match: {path: /, prefix: true}\n  upstream: api\n"
 
@@ -183,3 +183,33 @@ async def test_a_response_finished_after_its_pool_closed_does_not_keep_its_conne
         assert await r.read() == b"ok"
         await until("its connection is closed", lambda: not pool.open)
         assert not pool.idle
+
+
+async def test_no_connection_is_left_open_outside_the_pool_after_clients_walk_away(upstream: Upstream) -> None:
+    size = 4_000_000
+
+    async def download(p: InProcessProxy, whole: bool) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+        writer.write(f"GET /download?bytes={size} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        await writer.drain()
+        got = 0
+        while chunk := await reader.read(1 << 16):
+            got += len(chunk)
+            if not whole and got > 100_000:
+                break  # walks away mid-body
+            if got >= size:
+                break
+        writer.close()
+        return got
+
+    async with InProcessProxy(config_text(upstream.url, ALL, port=free_port(), admin_port=free_port())) as p:
+        results = await asyncio.gather(*[download(p, whole=i % 2 == 0) for i in range(20)],
+                                       *[raw_request(p.port, "/small") for _ in range(20)])
+        assert all(got > size for got in results[:20:2])  # (with the response head)
+        assert all(r.status == 200 for r in results[20:])
+        [target] = p.serving.runtime.targets.values()
+        pool = target.pool
+        # Every connection is either idle in the pool (its exchange complete) or closed.
+        await until("only pooled connections stay open", lambda: len(pool.open) == len(pool.idle))
+        assert 1 <= len(pool.idle) <= 40
+        assert (await raw_request(p.port, "/after")).status == 200
