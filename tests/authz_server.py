@@ -57,6 +57,8 @@ class AuthzServer:
         if credential == "Bearer redirect":
             return web.Response(status=302, headers={"Location": "https://login.test/?next=/"})
         if credential == "Bearer forbidden":
-            return web.Response(status=403, text="not for you")
+            resp = web.Response(status=403, text="not for you")
+            resp.enable_compression()  # (compressed only if the caller accepts it, as web servers do)
+            return resp
         return web.Response(status=401, text='{"why": "no"}', content_type="application/json",
                             headers={"WWW-Authenticate": 'Bearer realm="authz"'})

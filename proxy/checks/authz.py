@@ -19,17 +19,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
 
 from ..config.schema import Auth
 from ..deadline import within
 from ..decision import Identity, Reason, Verdict
 from ..failmode import degraded, unchecked_allow, unchecked_deny
 from ..observe.metrics import AUTHZ_DURATION, AUTHZ_REQUESTS, BREAKER_STATE
+from ..pool import Pool, tls_context
 from ..store.breaker import Breaker
 from ..store.errors import StoreUnavailable
 from . import CheckKind
 
 MAX_BODY = 64 * 1024  # of a deny's body passed on to the client
+CALLS_AT_ONCE = 100  # to one authorizer, from one process
 
 
 class Remembered(OrderedDict[tuple[Any, ...], tuple[Verdict, float]]):
@@ -55,14 +59,16 @@ class Authorizer:
     settings: Any = None  # the breaker settings it was made with
     allows: Remembered = field(default_factory=lambda: Remembered(100_000))
     denies: Remembered = field(default_factory=lambda: Remembered(10_000))
-    session: aiohttp.ClientSession | None = None
+    pool: Pool | None = None
+    # Calls in flight at once (and so connections): more wait for a turn within the call's timeout.
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CALLS_AT_ONCE))
     # With cache_for: the calls under way, by memory key — the same question asked again meanwhile waits for
     # that answer instead of asking again (an expired verdict under load is one call, not one per request).
     asking: dict[tuple[Any, ...], asyncio.Future[Verdict]] = field(default_factory=dict)
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.pool is not None:
+            await self.pool.close()
 
 
 class HttpAuthCheck(CheckKind):
@@ -75,6 +81,12 @@ class HttpAuthCheck(CheckKind):
         self.authorizer = authorizer
         self.header = cfg.header  # the credential header (two of them are refused before the call)
         self.url = cfg.url
+        url = URL(cfg.url or "")  # (validated: an http or https URL with a host)
+        host = url.raw_host or ""
+        self._address = (host, url.port or 80, url.scheme == "https")
+        self._target = url.raw_path_qs or "/"  # what is asked for: the URL's path and query, as written
+        bracketed = f"[{host}]" if ":" in host else host
+        self._host = bracketed if url.explicit_port is None else f"{bracketed}:{url.explicit_port}"
         self.forward = list(cfg.forward_headers)
         self.key_headers = list(cfg.cache_key) if cfg.cache_key is not None else self.forward
         self.copy = list(cfg.upstream_headers)
@@ -120,23 +132,29 @@ class HttpAuthCheck(CheckKind):
 
     async def _call(self, key: tuple[Any, ...], sent: dict[str, str], now: float) -> Verdict:
         authorizer = self.authorizer
-        if authorizer.session is None:
-            # No cookie jar: a cookie the authorizer sets while checking one client must never go with another's.
-            authorizer.session = aiohttp.ClientSession(trust_env=False, auto_decompress=False,
-                                                       connector=aiohttp.TCPConnector(limit=100),
-                                                       cookie_jar=aiohttp.DummyCookieJar())
+        if authorizer.pool is None:
+            # Failgate's upstream connection pool (pool.py): no cookie jar (a cookie the authorizer sets while
+            # checking one client never goes with another's), no default headers (no Accept-Encoding: a deny's body
+            # is passed on as it comes).
+            host, port, tls = self._address
+            authorizer.pool = Pool(host, port, tls_context(True) if tls else None, self.cfg.timeout)
+        sent["Host"] = self._host
         started = time.perf_counter()
         failure: StoreUnavailable | None
         try:
-            async with within(self.cfg.timeout), authorizer.session.get(self.url, headers=sent,  # type: ignore[arg-type]
-                                                                        allow_redirects=False) as resp:
-                status = resp.status
-                answer = {h: v for h in self.copy if (v := resp.headers.get(h)) is not None}
-                passed = [(h, v) for h in ("WWW-Authenticate", "Location") if (v := resp.headers.get(h)) is not None]
-                principal = resp.headers.get(self.cfg.principal_header) if self.cfg.principal_header else None
-                plan = resp.headers.get(self.cfg.plan_header) if self.cfg.plan_header else None
-                body = await resp.content.read(MAX_BODY) if not 200 <= status < 300 else b""
-                content_type = resp.headers.get("Content-Type", "text/plain")
+            async with within(self.cfg.timeout), authorizer.slots:
+                resp = await authorizer.pool.request("GET", self._target, CIMultiDict(sent), None)
+                try:
+                    status = resp.status
+                    got = resp.headers
+                    answer = {h: v for h in self.copy if (v := got.get(h)) is not None}
+                    passed = [(h, v) for h in ("WWW-Authenticate", "Location") if (v := got.get(h)) is not None]
+                    principal = got.get(self.cfg.principal_header) if self.cfg.principal_header else None
+                    plan = got.get(self.cfg.plan_header) if self.cfg.plan_header else None
+                    body = await resp.content.read(MAX_BODY) if not 200 <= status < 300 else b""
+                    content_type = got.get("Content-Type", "text/plain")
+                finally:
+                    resp.release()  # (kept for the next call only when its whole body has arrived)
         except TimeoutError:
             failure = StoreUnavailable("timeout", f"no answer within {self.cfg.timeout:g}s")
         except (aiohttp.ClientConnectionError, OSError) as exc:

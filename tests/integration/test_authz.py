@@ -68,7 +68,10 @@ async def test_allow_deny_and_redirect_and_what_the_upstream_sees(upstream: Upst
         r = await get(p, "/app/x", "Bearer redirect")
         assert (r.status, r.headers["location"]) == (302, "https://login.test/?next=/")
         r = await get(p, "/app/x", "Bearer forbidden")
-        assert r.status == 403
+        # Its body reaches the client as a body it can read: Failgate asks for no compressed encoding it would
+        # then pass on unlabelled.
+        assert (r.status, r.body) == (403, b"not for you")
+        assert "accept-encoding" not in authz.calls[-1]
         before = len(upstream.seen)
         await get(p, "/app/x", "Bearer nope", **{"X-User-Id": "admin"})
         assert len(upstream.seen) == before  # denied: nothing went upstream
