@@ -224,3 +224,25 @@ async def test_the_same_question_asked_meanwhile_shares_one_call(upstream: Upstr
         statuses = [r.status for r in await asyncio.gather(*waiting)]
         assert statuses == [200] * 20
         assert len(authz.calls) == (1 if cache_for == "5s" else 20)
+
+
+async def test_at_most_a_hundred_calls_are_in_flight_to_one_authorizer(upstream: Upstream,
+                                                                       authz: AuthzServer) -> None:
+    # A flood of distinct credentials must not open a connection per request to the authorizer: the rest wait for
+    # a turn (within `timeout`), as they would for a free connection.
+    text = config_text(upstream.url, f"""\
+- name: app
+  match: {{path: /app, prefix: true}}
+  upstream: api
+  auth: {{type: http, url: '{authz.url}', timeout: 10s, on_store_error: closed}}
+""", extra="limits: {max_connections: 1000}\n")
+    async with InProcessProxy(text) as p:
+        authz.mode = "gate"
+        waiting = [asyncio.ensure_future(get(p, "/app/x", f"Bearer good-{i}")) for i in range(120)]
+        authorizer = p.serving.runtime.memories.authorizers["app"]
+        await until("100 calls are held and 20 wait for a turn",
+                    lambda: len(authz.calls) == 100 and len(authorizer.slots._waiters or ()) == 20)
+        assert len(authorizer.pool.open) == 100
+        authz.release.set()
+        assert [r.status for r in await asyncio.gather(*waiting)] == [200] * 120
+        assert len(authz.calls) == 120 and len(authorizer.pool.open) <= 100
