@@ -12,7 +12,8 @@ What is kept of a client's duties:
 - a reused connection the upstream closed before answering (its keep-alive ended as the request went out) is
   retried once on a new connection when the request is idempotent and its body, if any, is held whole
   (RFC 9112 §9.3.1) — nothing else is ever sent twice;
-- `connect_timeout` bounds the TCP connect and the TLS handshake; certificates are verified unless
+- `connect_timeout` bounds the name's resolution, the TCP connect and the TLS handshake; a name is resolved at most
+  once per 10 s, one resolution shared by the connections opened meanwhile; certificates are verified unless
   `tls_verify: false`;
 - a streamed request body goes out while the response may already come back (an upstream may answer 413 early),
   chunked when the client gave no Content-Length;
@@ -23,6 +24,8 @@ What is kept of a client's duties:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 import time
 from collections import deque
@@ -36,6 +39,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 IDLE_FOR = 30.0  # a connection idle this long is closed rather than reused
+RESOLVED_FOR = 10.0  # a target name's addresses are reused this long (aiohttp's DNS cache kept them as long)
 _CHUNK = 1 << 16  # read buffer
 _MAX_FIELD = 65536  # the longest response header line accepted
 _IDEMPOTENT = frozenset(["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"])
@@ -117,6 +121,9 @@ class Pool:
         self.idle: deque[tuple[_Connection, float]] = deque()  # most recently used last
         self.open: set[_Connection] = set()
         self.closed = False
+        self._numeric = _is_address(host)
+        self._resolved: tuple[float, list[tuple[int, str]]] | None = None  # (when, [(family, address)])
+        self._resolving: asyncio.Task[list[tuple[int, str]]] | None = None
 
     async def request(self, method: str, path_qs: str, headers: CIMultiDict[str],
                       data: AsyncIterator[bytes] | bytes | None) -> Response:
@@ -151,13 +158,49 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(loop, self), self.host, self.port,
-                                                       ssl=self.tls)
+                if self._numeric:
+                    _, conn = await loop.create_connection(lambda: _Connection(loop, self), self.host, self.port,
+                                                           ssl=self.tls)
+                else:
+                    conn = await self._connect_by_name(loop)
         except TimeoutError:
             raise aiohttp.ConnectionTimeoutError(f"could not connect to {self.host}:{self.port} in time") from None
         if conn.is_connected():  # (not if it was closed as soon as it opened)
             self.open.add(conn)
         return conn
+
+    async def _connect_by_name(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        """Each address the name resolved to, in order, until one connects (as create_connection would)."""
+        failure: OSError | None = None
+        for family, address in await self._addresses(loop):
+            try:
+                _, conn = await loop.create_connection(lambda: _Connection(loop, self), address, self.port,
+                                                       ssl=self.tls, family=family,
+                                                       server_hostname=self.host if self.tls is not None else None)
+                return conn
+            except OSError as exc:
+                failure = exc
+        assert failure is not None  # (getaddrinfo returns at least one address or raises)
+        raise failure
+
+    async def _addresses(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, str]]:
+        """The target name's addresses: resolved at most once per RESOLVED_FOR, one resolution shared by every
+        connection opened meanwhile (a burst of new connections is not a burst of DNS queries)."""
+        known = self._resolved
+        if known is not None and time.monotonic() - known[0] < RESOLVED_FOR:
+            return known[1]
+        if self._resolving is None:
+            self._resolving = loop.create_task(self._resolve(loop))
+        return await asyncio.shield(self._resolving)  # (one connect timing out does not cancel it for the others)
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, str]]:
+        try:
+            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            addresses: list[tuple[int, str]] = [(int(family), str(sockaddr[0])) for family, _, _, _, sockaddr in infos]
+            self._resolved = (time.monotonic(), addresses)
+            return addresses
+        finally:
+            self._resolving = None
 
     async def _exchange(self, conn: _Connection, method: str, path_qs: str, headers: CIMultiDict[str],
                         data: AsyncIterator[bytes] | bytes | None) -> Response:
@@ -221,6 +264,14 @@ async def _send_body(conn: _Connection, writer: StreamWriter, data: AsyncIterato
         raise
     except Exception as exc:  # the body's own failure (too large, the client went away)
         conn.set_exception(aiohttp.ClientConnectionError("the request body could not be sent"), exc)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def tls_context(verify: bool) -> ssl.SSLContext:

@@ -213,3 +213,39 @@ async def test_no_connection_is_left_open_outside_the_pool_after_clients_walk_aw
         await until("only pooled connections stay open", lambda: len(pool.open) == len(pool.idle))
         assert 1 <= len(pool.idle) <= 40
         assert (await raw_request(p.port, "/after")).status == 200
+
+
+async def test_a_burst_of_new_connections_to_a_named_target_resolves_the_name_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await up.head(reader)
+            writer.write(OK)
+
+    loop = asyncio.get_running_loop()
+    resolved = []
+    original = loop.getaddrinfo
+
+    async def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        resolved.append(args[0])
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", counting)
+    async with Scripted(script) as up:
+        pool = proxy.pool.Pool("localhost", up.port, None, 5.0)
+        try:
+            responses = await asyncio.gather(*[pool.request("GET", f"/{i}", CIMultiDict(Host="a"), None)
+                                               for i in range(20)])
+            assert [await r.read() for r in responses] == [b"ok"] * 20
+            assert up.connections == 20 and resolved == ["localhost"]  # 20 connections, one resolution
+            for r in await asyncio.gather(*[pool.request("GET", "/more", CIMultiDict(Host="a"), None)
+                                            for _ in range(25)]):
+                await r.read()
+            assert up.connections == 25 and resolved == ["localhost"]  # 5 more connections, the name remembered
+            monkeypatch.setattr(proxy.pool, "RESOLVED_FOR", 0.0)
+            for r in await asyncio.gather(*[pool.request("GET", "/again", CIMultiDict(Host="a"), None)
+                                            for _ in range(30)]):
+                await r.read()
+            assert up.connections == 30 and resolved == ["localhost"] * 2  # expired: resolved again
+        finally:
+            await pool.close()

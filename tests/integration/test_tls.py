@@ -63,21 +63,24 @@ async def _tls_upstream(leaf_cert: Path, leaf_key: Path) -> tuple[web.AppRunner,
 
 
 @pytest.mark.parametrize(
-    ("san", "tls_verify", "trust_ca", "status"),
+    ("san", "tls_verify", "trust_ca", "status", "host"),
     [
-        ("DNS:localhost,IP:127.0.0.1", True, True, 200),   # a certificate we trust: verified and used
-        ("DNS:localhost,IP:127.0.0.1", True, False, 502),  # an unknown CA: refused
-        ("DNS:elsewhere.example", True, True, 502),        # the wrong name: refused
-        ("DNS:elsewhere.example", False, False, 200),      # tls_verify: false accepts anything
+        ("DNS:localhost,IP:127.0.0.1", True, True, 200, "127.0.0.1"),   # a certificate we trust: verified and used
+        ("DNS:localhost,IP:127.0.0.1", True, False, 502, "127.0.0.1"),  # an unknown CA: refused
+        ("DNS:elsewhere.example", True, True, 502, "127.0.0.1"),        # the wrong name: refused
+        ("DNS:elsewhere.example", False, False, 200, "127.0.0.1"),      # tls_verify: false accepts anything
+        ("DNS:localhost", True, True, 200, "localhost"),     # a target by name: the name is what is verified
+        ("DNS:elsewhere.example", True, True, 502, "localhost"),
     ],
 )
 async def test_upstream_certificates_are_verified(ca: CA, tmp_path: Path, san: str, tls_verify: bool,
-                                                  trust_ca: bool, status: int, monkeypatch) -> None:  # type: ignore
+                                                  trust_ca: bool, status: int, host: str,
+                                                  monkeypatch) -> None:  # type: ignore
     leaf = ca.issue("upstream", san)
     runner, up_port = await _tls_upstream(leaf.cert, leaf.key)
     try:
         cfg = tmp_path / "f.yaml"
-        cfg.write_text(config_text(f"https://127.0.0.1:{up_port}", ALL,
+        cfg.write_text(config_text(f"https://{host}:{up_port}", ALL,
                                    upstream_extra=f"tls_verify: {'true' if tls_verify else 'false'}\n"))
         if trust_ca:
             monkeypatch.setenv("SSL_CERT_FILE", str(ca.cert))  # OpenSSL's default trust store, for the proxy
