@@ -179,6 +179,10 @@ routes:
     match: {{path: /auth-cached, prefix: true}}
     upstream: api
     auth: {{type: api_key, scheme: Bearer, cache_for: 60s, on_store_error: closed}}
+  - name: authz-every
+    match: {{path: /authz-every, prefix: true}}
+    upstream: api
+    auth: {{type: http, url: "http://127.0.0.1:{upstream}/check", timeout: 100ms, on_store_error: closed}}
   - name: authz-cached
     match: {{path: /authz-cached, prefix: true}}
     upstream: api
@@ -310,6 +314,9 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = 
             # upstream's /check allows), 1,000 JWTs in rotation from the verified-token memory
             bench.measure("failgate auth from cache_for", base + "/auth-cached", servers=("failgate",), headers=bearer)
             bench.measure("failgate http authorizer, cache_for", base + "/authz-cached", servers=("failgate",),
+                          headers=bearer)
+            # and asked on every request (the bench upstream is the authorizer too: its CPU is not counted here)
+            bench.measure("failgate http authorizer, every request", base + "/authz-every", servers=("failgate",),
                           headers=bearer)
             run_load(Options(base + "/jwt", concurrency=8, duration=2.0, warmup=0.0, progress=False, rotate=tokens))
             bench.measure("failgate jwt, 1,000 tokens", base + "/jwt", servers=("failgate",), rotate=tokens)
