@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from tests.certs import CA
-from tests.helpers import ProxyProcess, Upstream, config_text, free_port
+from tests.helpers import InProcessProxy, ProxyProcess, Upstream, config_text, free_port, raw_request
 
 ALL = "- name: all\n  match: {path: /, prefix: true}\n  upstream: api\n"
 
@@ -95,5 +95,25 @@ async def test_upstream_certificates_are_verified(ca: CA, tmp_path: Path, san: s
                     assert (await r.json())["error"] == "upstream_unavailable"
         finally:
             assert p.stop() == 0
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(("trust_ca", "status"), [(True, 200), (False, 503)])
+async def test_an_authorizer_over_https_is_verified(ca: CA, upstream: Upstream, trust_ca: bool, status: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    leaf = ca.issue("authorizer", "DNS:localhost")
+    runner, authz_port = await _tls_upstream(leaf.cert, leaf.key)  # answers 200 to any GET: it allows
+    try:
+        if trust_ca:
+            monkeypatch.setenv("SSL_CERT_FILE", str(ca.cert))
+        routes = (f"- name: app\n  match: {{path: /app, prefix: true}}\n  upstream: api\n"
+                  f"  auth: {{type: http, url: 'https://localhost:{authz_port}/check', timeout: 2s, "
+                  f"on_store_error: closed}}\n")
+        async with InProcessProxy(config_text(upstream.url, routes)) as p:
+            r = await raw_request(p.port, "/app/x")
+            assert r.status == status  # an authorizer whose certificate is not trusted is one that cannot answer
+            if status == 503:
+                assert r.headers["failgate-degraded"].startswith("auth;mode=closed;reason=unavailable")
     finally:
         await runner.cleanup()
