@@ -7,8 +7,8 @@ and a response object, runs its trace hooks and arms its timers, none of which a
 machine it costs four times the CPU of this pool (`python -m benchmarks.client_cost`).
 
 What is kept of a client's duties:
-- connections are reused most recent first; one idle for 30 s is closed when the pool is next used, and one the
-  upstream closed is never handed out;
+- connections are reused most recent first; one idle for 30 s is closed (by one timer per pool, armed while any
+  connection is idle), and one the upstream closed is never handed out;
 - a reused connection the upstream closed before answering (its keep-alive ended as the request went out) is
   retried once on a new connection when the request is idempotent and its body, if any, is held whole
   (RFC 9112 §9.3.1) — nothing else is ever sent twice;
@@ -102,7 +102,7 @@ class Response:
         elif conn.should_close or not conn.is_connected() or conn.pool.closed:
             conn.close()
         else:
-            conn.pool.idle.append((conn, time.monotonic()))
+            conn.pool.keep(conn)
 
     def close(self) -> None:
         if self._sending is not None and not self._sending.done():
@@ -124,6 +124,7 @@ class Pool:
         self._numeric = _is_address(host)
         self._resolved: tuple[float, list[tuple[int, str]]] | None = None  # (when, [(family, address)])
         self._resolving: asyncio.Task[list[tuple[int, str]]] | None = None
+        self._sweep: asyncio.TimerHandle | None = None  # closes idle connections when nothing else does
 
     async def request(self, method: str, path_qs: str, headers: CIMultiDict[str],
                       data: AsyncIterator[bytes] | bytes | None) -> Response:
@@ -139,13 +140,32 @@ class Pool:
                 raise
         return await self._exchange(await self._connect(), method, path_qs, headers, data)
 
+    def keep(self, conn: _Connection) -> None:
+        """A connection whose exchange is complete, for the next request."""
+        self.idle.append((conn, time.monotonic()))
+        if self._sweep is None:  # one timer per pool, armed only when none is
+            self._sweep = conn._loop.call_later(IDLE_FOR, self._close_idle)
+
+    def _close_idle(self) -> None:
+        """Close what has been idle IDLE_FOR (so a pool with no traffic does not keep them for ever), and come back
+        when the oldest that is left will be."""
+        self._sweep = None
+        self._drop_stale()
+        if self.idle:
+            self._sweep = asyncio.get_running_loop().call_later(
+                max(self.idle[0][1] + IDLE_FOR - time.monotonic(), 0.01), self._close_idle)
+
+    def _drop_stale(self) -> None:
+        idle = self.idle
+        stale = time.monotonic() - IDLE_FOR
+        while idle and idle[0][1] <= stale:
+            idle.popleft()[0].close()
+
     def _take(self) -> _Connection | None:
         idle = self.idle
         if not idle:
             return None
-        stale = time.monotonic() - IDLE_FOR
-        while idle and idle[0][1] < stale:
-            idle.popleft()[0].close()
+        self._drop_stale()
         while idle:
             conn = idle.pop()[0]
             if conn.is_connected():
@@ -243,6 +263,9 @@ class Pool:
 
     async def close(self) -> None:
         self.closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         self.idle.clear()
         for conn in list(self.open):
             conn.close()

@@ -249,3 +249,24 @@ async def test_a_burst_of_new_connections_to_a_named_target_resolves_the_name_on
             assert up.connections == 30 and resolved == ["localhost"] * 2  # expired: resolved again
         finally:
             await pool.close()
+
+
+async def test_idle_connections_are_closed_without_further_traffic(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def script(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await up.head(reader)
+            writer.write(OK)
+
+    monkeypatch.setattr(proxy.pool, "IDLE_FOR", 0.3)
+    async with Scripted(script) as up:
+        pool = proxy.pool.Pool("127.0.0.1", up.port, None, 5.0)
+        try:
+            for r in await asyncio.gather(*[pool.request("GET", "/", CIMultiDict(Host="a"), None) for _ in range(5)]):
+                await r.read()
+            assert len(pool.idle) == 5
+            await until("the idle connections are closed, with no request to notice", lambda: not pool.open)
+            assert not pool.idle
+            r = await pool.request("GET", "/later", CIMultiDict(Host="a"), None)
+            assert await r.read() == b"ok" and up.connections == 6
+        finally:
+            await pool.close()
