@@ -135,8 +135,13 @@ async def test_store_slower_than_its_timeout(upstream: Upstream, redis_server: R
         fault_proxy.set("delay", 0.4)
         rs = [await timed(p.port, "/gate") for _ in range(4)]
         assert all(r.status == 503 for _, r in rs)  # type: ignore[attr-defined]
-        assert all(r.headers["failgate-degraded"] == "rate_limit;mode=closed;reason=timeout"  # type: ignore
-                   for _, r in rs)
+        # The first waited on a connection that was up: a timeout. It was then discarded (silent for the whole
+        # timeout), and the next requests wait for a new one, whose handshake goes through the same slow path: each
+        # is a timeout of its own, or fails with that connection attempt (unavailable: it could not be connected in
+        # time), whichever comes first — both are the store being too slow, and both the closed mode's 503.
+        reasons = [r.headers["failgate-degraded"] for _, r in rs]  # type: ignore[attr-defined]
+        assert reasons[0] == "rate_limit;mode=closed;reason=timeout"
+        assert set(reasons) <= {"rate_limit;mode=closed;reason=timeout", "rate_limit;mode=closed;reason=unavailable"}
         assert sum(took > 1.0 for took, _ in rs) == 0
         fault_proxy.set("pass")
         for _ in range(40):
