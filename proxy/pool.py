@@ -34,6 +34,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -41,6 +42,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 IDLE_FOR = 30.0  # a connection idle this long is closed rather than reused
 RESOLVED_FOR = 10.0  # a target name's addresses are reused this long (aiohttp's DNS cache kept them as long)
@@ -49,6 +51,23 @@ _MAX_FIELD = 65536  # the longest response header line accepted
 _IDEMPOTENT = frozenset(["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"])
 # A request of any other method without a body says so (`Content-Length: 0`): some servers answer 411 otherwise.
 _BODILESS = frozenset(["GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"])
+
+
+class Origin(NamedTuple):
+    """Where a URL's requests go: the address to connect to, whether over TLS, and what `Host` says of it
+    (host[:port], never the userinfo)."""
+
+    host: str
+    port: int
+    tls: bool
+    host_header: str
+
+    @classmethod
+    def of(cls, url: URL) -> Origin:
+        host = url.raw_host or ""
+        bracketed = f"[{host}]" if ":" in host else host
+        return cls(host, url.port or 80, url.scheme == "https",
+                   bracketed if url.explicit_port is None else f"{bracketed}:{url.explicit_port}")
 
 
 class BadResponse(aiohttp.ClientError):
@@ -129,6 +148,11 @@ class Pool:
         self._resolved: tuple[float, list[tuple[int, str]]] | None = None  # (when, [(family, address)])
         self._resolving: asyncio.Task[list[tuple[int, str]]] | None = None
         self._sweep: asyncio.TimerHandle | None = None  # closes idle connections when nothing else does
+
+    @classmethod
+    def to(cls, origin: Origin, verify: bool, connect_timeout: float) -> Pool:
+        """A pool for `origin`; over TLS, certificates verified unless `verify` is false."""
+        return cls(origin.host, origin.port, _tls_context(verify) if origin.tls else None, connect_timeout)
 
     async def request(self, method: str, path_qs: str, headers: CIMultiDict[str],
                       data: AsyncIterator[bytes] | bytes | None) -> Response:
@@ -301,7 +325,7 @@ def _is_address(host: str) -> bool:
     return True
 
 
-def tls_context(verify: bool) -> ssl.SSLContext:
+def _tls_context(verify: bool) -> ssl.SSLContext:
     """The system's trust store (SSL_CERT_FILE and SSL_CERT_DIR apply), or — `tls_verify: false` — none."""
     ctx = ssl.create_default_context()
     if not verify:

@@ -28,7 +28,7 @@ from yarl import URL
 
 from .config.values import redact_url
 from .observe.metrics import UPSTREAM_TARGET_UP
-from .pool import Pool, tls_context
+from .pool import Origin, Pool
 
 log = logging.getLogger("failgate.upstream")
 # Told of every target taken out or put back (a worker tells its parent, whose /readyz shows every worker's view).
@@ -51,15 +51,11 @@ class Target:
         self.settings = settings
         url = URL(settings.url)
         self.label = redact_url(settings.url)  # as metrics, /readyz and logs show it
-        # What Host says unless preserve_host: host[:port], never the userinfo.
-        host = url.raw_host or ""
-        if ":" in host:
-            host = f"[{host}]"
-        self.host_header = host if url.explicit_port is None else f"{host}:{url.explicit_port}"
+        self.origin = Origin.of(url)
+        self.host_header = self.origin.host_header  # what Host says unless preserve_host
         self.authorization = BasicAuth(url.user or "", url.password or "").encode() if url.user is not None else None
-        self._origin = f"{url.scheme}://{self.host_header}{url.raw_path.rstrip('/')}"
+        self._base_url = f"{url.scheme}://{self.host_header}{url.raw_path.rstrip('/')}"
         self.base_path = url.raw_path.rstrip("/")  # what a request's path is appended to
-        self._address = (url.raw_host or "", url.port or 80, url.scheme == "https")
         self._pool: Pool | None = None
         self.in_flight = 0
         self.failures = 0  # consecutive gateway failures
@@ -69,15 +65,13 @@ class Target:
         self._up.set(1)
 
     def url_for(self, path_qs: str) -> URL:
-        return URL(self._origin + path_qs, encoded=True)
+        return URL(self._base_url + path_qs, encoded=True)
 
     @property
     def pool(self) -> Pool:
         # Created lazily, on the running loop.
         if self._pool is None:
-            host, port, tls = self._address
-            self._pool = Pool(host, port, tls_context(self.settings.tls_verify) if tls else None,
-                              self.settings.connect_timeout)
+            self._pool = Pool.to(self.origin, self.settings.tls_verify, self.settings.connect_timeout)
         return self._pool
 
     async def close(self) -> None:

@@ -27,7 +27,7 @@ from ..deadline import within
 from ..decision import Identity, Reason, Verdict
 from ..failmode import degraded, unchecked_allow, unchecked_deny
 from ..observe.metrics import AUTHZ_DURATION, AUTHZ_REQUESTS, BREAKER_STATE
-from ..pool import Pool, tls_context
+from ..pool import Origin, Pool
 from ..store.breaker import Breaker
 from ..store.errors import StoreUnavailable
 from . import CheckKind
@@ -80,13 +80,9 @@ class HttpAuthCheck(CheckKind):
         self.cfg: Auth = cfg
         self.authorizer = authorizer
         self.header = cfg.header  # the credential header (two of them are refused before the call)
-        self.url = cfg.url
         url = URL(cfg.url or "")  # (validated: an http or https URL with a host)
-        host = url.raw_host or ""
-        self._address = (host, url.port or 80, url.scheme == "https")
+        self._origin = Origin.of(url)
         self._target = url.raw_path_qs or "/"  # what is asked for: the URL's path and query, as written
-        bracketed = f"[{host}]" if ":" in host else host
-        self._host = bracketed if url.explicit_port is None else f"{bracketed}:{url.explicit_port}"
         self.forward = list(cfg.forward_headers)
         self.key_headers = list(cfg.cache_key) if cfg.cache_key is not None else self.forward
         self.copy = list(cfg.upstream_headers)
@@ -114,11 +110,14 @@ class HttpAuthCheck(CheckKind):
         if not authorizer.breaker.allow():
             self._requests["breaker_open"].inc()
             return self._failed(key, StoreUnavailable("breaker_open", "the authorizer breaker is open"), now), None
-        sent = {h: v for h in self.forward if (v := headers.get(h)) is not None}
-        sent.update({"X-Forwarded-Method": method, "X-Forwarded-Uri": uri, "X-Forwarded-For": client,
-                     "X-Request-Id": request_id})
+        sent: CIMultiDict[str] = CIMultiDict((h, v) for h in self.forward if (v := headers.get(h)) is not None)
+        sent["X-Forwarded-Method"] = method
+        sent["X-Forwarded-Uri"] = uri
+        sent["X-Forwarded-For"] = client
+        sent["X-Request-Id"] = request_id
         if host is not None:
             sent["X-Forwarded-Host"] = host
+        sent["Host"] = self._origin.host_header
         call = asyncio.ensure_future(self._call(key, sent, now))
         if not shared:
             return None, call
@@ -130,20 +129,18 @@ class HttpAuthCheck(CheckKind):
         """What a remembered verdict is filed under: never reused for another route, method, host or path."""
         return (self.route, method, host, uri, *[headers.get(h) for h in self.key_headers])
 
-    async def _call(self, key: tuple[Any, ...], sent: dict[str, str], now: float) -> Verdict:
+    async def _call(self, key: tuple[Any, ...], sent: CIMultiDict[str], now: float) -> Verdict:
         authorizer = self.authorizer
         if authorizer.pool is None:
             # Failgate's upstream connection pool (pool.py): no cookie jar (a cookie the authorizer sets while
             # checking one client never goes with another's), no default headers (no Accept-Encoding: a deny's body
             # is passed on as it comes).
-            host, port, tls = self._address
-            authorizer.pool = Pool(host, port, tls_context(True) if tls else None, self.cfg.timeout)
-        sent["Host"] = self._host
+            authorizer.pool = Pool.to(self._origin, True, self.cfg.timeout)
         started = time.perf_counter()
         failure: StoreUnavailable | None
         try:
             async with within(self.cfg.timeout), authorizer.slots:
-                resp = await authorizer.pool.request("GET", self._target, CIMultiDict(sent), None)
+                resp = await authorizer.pool.request("GET", self._target, sent, None)
                 try:
                     status = resp.status
                     got = resp.headers

@@ -50,6 +50,7 @@ async def test_a_cookie_the_authorizer_sets_for_one_client_is_never_sent_for_ano
         assert (await get(p, "/app/x", "Bearer good-bob")).status == 200
         assert len(authz.calls) == 2
         assert "cookie" not in authz.calls[1]  # bob's check does not arrive as alice
+        assert authz.calls[1]["host"] == f"localhost:{authz.port}"  # the authorizer is asked by the name it has
 
 
 async def test_allow_deny_and_redirect_and_what_the_upstream_sees(upstream: Upstream, authz: AuthzServer) -> None:
