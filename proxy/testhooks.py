@@ -3,7 +3,7 @@ nothing here is reachable in a normal run (the admin listener adds no route for 
 
 `POST /_test/stall {"ms": 200, "at": "queued" | "inflight"}` blocks the serving process's event loop once, for
 `ms` milliseconds:
-- queued: right after the next store call is queued, before its bytes are written;
+- queued: once the next store calls are queued, before their batch is written (and its deadline armed);
 - inflight: in an I/O callback of the loop's very next poll after the next write to the store, so the replies
   arrive while the loop is blocked and the loop's next step is its timers, not reading them (a stall in an
   ordinary callback would be followed by a poll, which reads them first).
@@ -33,27 +33,12 @@ def parse_stall(cmd: dict[str, Any]) -> tuple[float, str]:
 
 
 def stall_store_client(client: Any, seconds: float, at: str) -> None:
-    """Arm a one-shot stall on a PipelinedClient by shadowing one of its methods on the instance; the first call
-    removes the shadow again, so the class's own method serves every later call."""
+    """Arm a one-shot stall on a PipelinedClient through its test hooks (each runs once, then is gone)."""
     if at == "queued":
-        original = client.submit
-
-        def submit(*args: Any, **kwargs: Any) -> Any:
-            del client.submit
-            future = original(*args, **kwargs)
-            time.sleep(seconds)  # on purpose: block the whole event loop, as an expensive burst of requests would
-            return future
-
-        client.submit = submit
-        return
-    send = client._send
-
-    def send_then_stall(*args: Any) -> None:
-        del client._send
-        _stall_in_next_poll(seconds)  # armed before the write: the poll finds it ready before any reply
-        send(*args)
-
-    client._send = send_then_stall
+        # on purpose: block the whole event loop, as an expensive burst of requests would
+        client.on_flush = lambda: time.sleep(seconds)
+    else:
+        client.on_send = lambda: _stall_in_next_poll(seconds)  # armed before the write: found before any reply
 
 
 def _stall_in_next_poll(seconds: float) -> None:

@@ -195,6 +195,12 @@ class PipelinedClient:
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._trip: Trip | None = None  # shared by the failures of this pass of the loop
+        self.writes = 0  # batches written, and the groups (requests) they carried: how well calls are batched
+        self.groups_written = 0
+        # One-shot test hooks (testhooks.py), each checked once per batch: called at the start of the next flush
+        # (the calls are queued, nothing is written), or just before the next batch is written.
+        self.on_flush: Callable[[], None] | None = None
+        self.on_send: Callable[[], None] | None = None
 
     # --- the hot path ---------------------------------------------------------------------------------------
     def submit(self, payload: bytes, count: int, finish: Finish | None = None, ctx: Any = None,
@@ -219,6 +225,9 @@ class PipelinedClient:
         batch, self._batch = self._batch, None
         if batch is None:
             return
+        if self.on_flush is not None:
+            hook, self.on_flush = self.on_flush, None
+            hook()
         # The deadline starts now, not when the requests queued their calls: however long this loop turn took to
         # get here, it was Failgate's time, not the store's.
         batch.deadline = Deadline(self.loop, self.timeout, lambda: self._expire(batch), batch.pending)
@@ -240,6 +249,11 @@ class PipelinedClient:
                 break
         batch.conn = conn
         batch.seen_at_send = conn.received
+        self.writes += 1
+        self.groups_written += len(groups)
+        if self.on_send is not None:
+            hook, self.on_send = self.on_send, None
+            hook()
         conn.write(groups, payload[0] if len(payload) == 1 else b"".join(payload))
         if len(conn.pending) > 64 and len(self._conns) + self._connecting < self.pool_size:
             self._grow()
