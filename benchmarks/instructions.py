@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .load import Options, run_load
-from .suite import ROOT, _failgate_config, _jwt_tokens, _port, _seed_key, _wait_port, stop_processes
+from .suite import ROOT, _failgate_config, _jwt_tokens, _port, _seed_key, _wait_port, build, stop_processes
 
 
 def _control(*args: str) -> None:
@@ -132,8 +132,8 @@ def main() -> int:
                 measure("failgate jwt, 1,000 tokens", fg.pid, out3, base + "/jwt", [], tokens)
         rows = [(name, statistics.median(total / n for total, n in results if n), sum(n for _, n in results))
                 for name, results in runs.items()]
-        print(f"instructions per request (callgrind), {args.concurrency} connections, {args.seconds:g}s each, "
-              f"median of {args.rounds}")
+        print(f"instructions per request (callgrind), Failgate {build()}, {args.concurrency} connections, "
+              f"{args.seconds:g}s each, median of {args.rounds}")
         base_per = ref_per = 0.0
         for name, per, n in rows:
             if name == "failgate passthrough":

@@ -251,7 +251,7 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = 
     workdir = Path(tempfile.mkdtemp(prefix="failgate-bench-"))
     bench = Bench(quick, workdir)
     py = sys.executable
-    print(f"Failgate benchmark suite ({'quick' if quick else 'full'}), work dir {workdir}")
+    print(f"Failgate benchmark suite ({'quick' if quick else 'full'}), Failgate {build()}, work dir {workdir}")
     if pin:
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) < 2:
@@ -482,12 +482,20 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores, {model}, Linux {platform.release()}, Python {platform.python_version()}"
 
 
+def build() -> str:
+    """Which build of Failgate the suite measures: the one this process imports is the one it starts."""
+    import proxy.app
+
+    return "compiled (mypyc)" if str(proxy.app.__file__).endswith(".so") else "plain Python"
+
+
 def _write(bench: Bench, out: Path, timeline: dict[str, Any] | None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H%M%S")
     machine = _machine()
     lines = [f"# Failgate benchmark suite — {stamp}", "",
-             f"Machine: {machine}. Everything (generator, servers, Redis) shares these cores; compare CPU µs per "
+             f"Machine: {machine}. Failgate build: {build()}. Everything (generator, servers, Redis) shares these "
+             "cores; compare CPU µs per "
              "request and ratios from one run. Duration per row: "
              f"{bench.duration:.0f}s after 1s warm-up. store.timeout {STORE_TIMEOUT_MS}ms.", "",
              "| scenario | c | req/s | ratio to direct | p50 ms | p99 ms | CPU µs/req | statuses | degraded |",
@@ -519,7 +527,7 @@ def _write(bench: Bench, out: Path, timeline: dict[str, Any] | None) -> list[Pat
             lines += ["", f"![outage timeline]({png.name})"]
     md = out / f"suite-{stamp}.md"
     md.write_text("\n".join(lines) + "\n")
-    data = {"stamp": stamp, "machine": machine, "quick": bench.quick, "duration": bench.duration,
+    data = {"stamp": stamp, "machine": machine, "build": build(), "quick": bench.quick, "duration": bench.duration,
             "rows": [r.__dict__ for r in bench.rows], "wrk": bench.wrk, "timeline": timeline}
     js = out / f"suite-{stamp}.json"
     js.write_text(json.dumps(data, indent=1, default=str))

@@ -270,7 +270,10 @@ class Proxy:
         version = request.version
         if version is not HttpVersion11 and version not in _SERVED_VERSIONS:
             # Answer in a version we speak (aiohttp writes the request's version in the status line).
-            request._message = request._message._replace(version=HttpVersion11)
+            # (typed a NamedTuple, but aiohttp's C parser makes a look-alike: read untyped, so that a compiled
+            # build does not check it for what it is not)
+            message = getattr(request, "_message")  # noqa: B009
+            request._message = message._replace(version=HttpVersion11)
             request._version = HttpVersion11
             request._cache["version"] = HttpVersion11
             return self._refused(505, "only HTTP/1.0 and HTTP/1.1 are served", rid)

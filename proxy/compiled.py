@@ -209,7 +209,8 @@ class Runtime:
             return ""
         if not self.trusted or not self._is_trusted(peer):
             return peer
-        hops = [h.strip() for v in headers.getall("X-Forwarded-For", ()) for h in v.split(",") if h.strip()]
+        values: list[str] = headers.getall("X-Forwarded-For", [])
+        hops = [h.strip() for v in values for h in v.split(",") if h.strip()]
         for hop in reversed(hops):
             if not self._is_trusted(hop):
                 return hop

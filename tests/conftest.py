@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -9,6 +10,16 @@ import uvloop
 from benchmarks.faultproxy import FaultProxy
 from tests.helpers import Upstream
 from tests.redis_server import RedisServer
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """tests/compiled: refuse to run when the compiled build is not what gets imported (a plain run would pass
+    unnoticed in its place)."""
+    if os.environ.get("FAILGATE_EXPECT_COMPILED") == "1":
+        import proxy.app
+
+        if not str(proxy.app.__file__).endswith(".so"):
+            raise pytest.UsageError(f"FAILGATE_EXPECT_COMPILED=1 but proxy.app is {proxy.app.__file__}")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:

@@ -94,21 +94,33 @@ def test_the_dockerfile_is_what_the_brief_asks_for() -> None:
     assert "COPY config/docker.yaml /etc/failgate/failgate.yaml" in text
 
 
+def fresh_env() -> dict[str, str]:
+    """The environment of a fresh install: nothing of the one running the tests (tests/compiled puts its build on
+    PYTHONPATH, where pip would find Failgate already installed)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+
+
 async def test_the_image_install_and_start_commands_run(tmp_path: Path) -> None:
     """No Docker engine here: run the image's steps directly — build the wheel, install it into a fresh
     environment, start it with the image's command and config, and run the HEALTHCHECK command."""
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--wheel-dir", str(wheels), str(ROOT)],
-                   check=True, timeout=300)
+    clean = fresh_env()
+    if os.environ.get("FAILGATE_EXPECT_COMPILED") == "1":
+        wheels = ROOT / "build" / "wheel"  # the compiled wheel tests/compiled built, as the image builds it
+    else:
+        wheels = tmp_path / "wheels"
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--wheel-dir", str(wheels),
+                        str(ROOT)], check=True, timeout=300, env=clean)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=clean)
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *map(str, wheels.glob("*.whl"))], check=True,
-                   timeout=600)
+                   timeout=600, env=clean)
+    compiled = list(venv.glob("lib/python*/site-packages/proxy/app.*.so"))
+    assert bool(compiled) == (os.environ.get("FAILGATE_EXPECT_COMPILED") == "1")
     port, admin = free_port(), free_port()
     cfg = tmp_path / "failgate.yaml"
     cfg.write_text((ROOT / "config" / "docker.yaml").read_text()
                    .replace("port: 8080", f"port: {port}").replace("port: 9901", f"port: {admin}"))
-    env = {**os.environ, "FAILGATE_ADMIN_TOKEN": "s3cret", "REDIS_URL": "redis://127.0.0.1:6399/0",
+    env = {**clean, "FAILGATE_ADMIN_TOKEN": "s3cret", "REDIS_URL": "redis://127.0.0.1:6399/0",
            "UPSTREAM_URL": "http://127.0.0.1:1"}
     cmd = re.search(r"^CMD (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.M).group(1)  # type: ignore[union-attr]
     args = [a.replace("/etc/failgate/failgate.yaml", str(cfg)).replace("/var/lib/failgate", str(tmp_path))
@@ -145,22 +157,23 @@ async def test_the_wheel_works_outside_the_checkout(tmp_path: Path, upstream: An
     """Build the wheel, install it in a fresh environment, and use it from a directory that is not the checkout:
     the version, a starter config, its strict check, the bundled load generator, and the demo."""
     wheels = tmp_path / "wheels"
+    clean = fresh_env()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--wheel-dir", str(wheels), str(ROOT)],
-                   check=True, timeout=300)
+                   check=True, timeout=300, env=clean)
     [wheel] = wheels.glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
     assert "proxy/resources/examples/failgate.yaml" in names and "failgate_bench/load.py" in names
     assert not any(n.startswith(("benchmarks/", "tests/")) for n in names)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=clean)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, timeout=600, env=clean)
     home = tmp_path / "elsewhere"
     home.mkdir()
     fg = str(venv / "bin" / "failgate")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([fg, *args], cwd=home, capture_output=True, text=True, timeout=120)
+        return subprocess.run([fg, *args], cwd=home, capture_output=True, text=True, timeout=120, env=clean)
 
     assert run("--version").stdout.strip() == "failgate 0.1.0"
     made = run("init")
@@ -175,7 +188,7 @@ async def test_the_wheel_works_outside_the_checkout(tmp_path: Path, upstream: An
     summary = json.loads(load.stdout)
     assert summary["requests"] > 0 and summary["statuses"] == {"200": summary["requests"]}
     assert sorted(p.name for p in home.iterdir()) == ["failgate.yaml"]  # nothing else written here
-    demo = subprocess.Popen([fg, "demo"], cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    demo = subprocess.Popen([fg, "demo"], cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean)
     try:
         async with aiohttp.ClientSession() as s:
             async def ready() -> bool:
