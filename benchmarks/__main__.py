@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
     p.add_argument("--only", default=None, help="comma-separated scenario names to run")
     p.add_argument("--pin", action="store_true",
                    help="the proxy under test alone on one core, the generator and the rest on the others")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure the rows of the peer table this many times, in turn, and show their medians")
 
     args = parser.parse_args(argv)
     if args.command == "load":
@@ -54,7 +56,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
         return 0
     from .suite import run_suite
 
-    return run_suite(quick=args.quick, out=args.out, only=args.only.split(",") if args.only else None, pin=args.pin)
+    if args.rounds < 1:
+        parser.error("--rounds must be 1 or more")
+    return run_suite(quick=args.quick, out=args.out, only=args.only.split(",") if args.only else None, pin=args.pin,
+                     rounds=args.rounds)
 
 
 if __name__ == "__main__":

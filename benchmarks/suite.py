@@ -13,6 +13,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -247,7 +248,9 @@ def _seed_key(redis_url: str) -> str:
     return key
 
 
-def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = False) -> int:
+def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = False,
+              rounds: int = 1) -> int:
+    """`rounds`: the rows of the peer table measured that many times in turn; the table shows their medians."""
     workdir = Path(tempfile.mkdtemp(prefix="failgate-bench-"))
     bench = Bench(quick, workdir)
     py = sys.executable
@@ -326,6 +329,25 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = 
             for c in (8, 1):
                 bench.measure("failgate rate_limit sliding", base + "/rl/sliding", concurrency=c,
                               servers=("failgate", "redis"))
+
+        peers_again: list[tuple[str, str, tuple[str, ...], list[tuple[str, str]] | None]] = []
+        if want("reference"):
+            peers_again.append(("reference proxy (aiohttp)", f"http://127.0.0.1:{ref.port}/", ("reference",), None))
+        if want("nginx") and nginx is not None:
+            ng_base = f"http://127.0.0.1:{bench.procs['nginx'].port}"
+            peers_again += [("nginx proxy_pass", ng_base + "/pass", ("nginx",), None),
+                            ("nginx + Lua + Redis limiter", ng_base + "/rl", ("nginx", "redis"), None)]
+        if want("passthrough"):
+            peers_again.append(("failgate passthrough", base + "/pass", ("failgate",), None))
+        if want("rate_limit"):
+            peers_again.append(("failgate rate_limit sliding", base + "/rl/sliding", ("failgate", "redis"), None))
+        if want("auth"):
+            peers_again += [("failgate auth", base + "/auth", ("failgate", "redis"), bearer),
+                            ("failgate auth + rate_limit", base + "/auth-rl", ("failgate", "redis"), bearer)]
+        for n in range(2, rounds + 1):
+            print(f"the peer table's rows, round {n} of {rounds}:")
+            for scenario, url, servers, headers in peers_again:
+                bench.measure(scenario, url, servers=servers, headers=headers, note=f"round {n}")
 
         def switch(mode: str) -> Callable[[], None]:
             def apply() -> None:
@@ -444,10 +466,14 @@ def peer_table(rows: list[Row]) -> list[str]:
     """Each peer's CPU per request next to Failgate's, and the goals as ratios (markdown lines; [] when the run
     had no passthrough row)."""
     cpu: dict[str, tuple[float, float | None]] = {}
-    for label, scenario, server in _PEERS:
-        row = next((r for r in rows if r.scenario == scenario and r.concurrency == 64), None)
-        if row is not None and server in row.cpu_us:
-            cpu[label] = (row.cpu_us[server], row.cpu_us.get("redis"))
+    rounds = 1
+    for label, scenario, server in _PEERS:  # with --rounds, the median of each row's rounds
+        measured = [r for r in rows if r.scenario == scenario and r.concurrency == 64 and server in r.cpu_us]
+        if measured:
+            rounds = max(rounds, len(measured))
+            in_redis = [r.cpu_us["redis"] for r in measured if "redis" in r.cpu_us]
+            cpu[label] = (statistics.median(r.cpu_us[server] for r in measured),
+                          statistics.median(in_redis) if in_redis else None)
     if "Failgate passthrough" not in cpu:
         return []
     passthrough = cpu["Failgate passthrough"][0]
@@ -469,6 +495,9 @@ def peer_table(rows: list[Row]) -> list[str]:
     lines = ["| | CPU µs/req | |", "|---|---|---|"]
     for label, (own, redis) in cpu.items():
         lines.append(f"| {label} | {own:.1f}{f' (+{redis:.1f})' if redis is not None else ''} | {note(label, own)} |")
+    if rounds > 1:
+        lines += ["", f"Each figure is the median of {rounds} rounds, measured in turn (every row of a round before "
+                  "the next round)."]
     return lines
 
 

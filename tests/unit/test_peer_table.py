@@ -29,3 +29,14 @@ def test_the_goals_are_ratios_of_the_same_run() -> None:
 
 def test_no_table_without_a_passthrough_row() -> None:
     assert peer_table([_row("reference proxy (aiohttp)", {"reference": 100.0})]) == []
+
+
+def test_with_rounds_each_figure_is_the_median_of_its_rows() -> None:
+    rows = [_row("reference proxy (aiohttp)", {"reference": r}) for r in (100.0, 140.0, 120.0)]
+    rows += [_row("failgate passthrough", {"failgate": f}) for f in (90.0, 60.0, 300.0)]
+    rows += [_row("failgate rate_limit sliding", {"failgate": f, "redis": r})
+             for f, r in ((100.0, 9.0), (200.0, 7.0), (80.0, 8.0))]
+    table = peer_table(rows)
+    assert "| Failgate passthrough | 90.0 | 0.75x the reference proxy (goal: at most 1x) |" in table
+    assert "| Failgate rate limit (sliding window) | 100.0 (+8.0) | +10.0 over passthrough (goal: +10) |" in table
+    assert table[-1].startswith("Each figure is the median of 3 rounds")
