@@ -137,7 +137,7 @@ class UpstreamClient:
         # Userinfo in the URL becomes an `Authorization: Basic` header (validation: the same on every target).
         self.authorization = targets[0].authorization
         self._several = len(targets) > 1
-        self._duration = FastHistogram(UPSTREAM_DURATION.labels(name))
+        self._duration = FastHistogram.of(UPSTREAM_DURATION.labels(name))
         self._retries = incrementer(UPSTREAM_RETRIES.labels(name))
 
     def state(self) -> dict[str, object]:

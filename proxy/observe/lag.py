@@ -19,7 +19,7 @@ INTERVAL = 0.02
 class LagSampler:
     def __init__(self, interval: float = INTERVAL) -> None:
         self.interval = interval
-        self._histogram = FastHistogram(EVENT_LOOP_LAG)
+        self._histogram = FastHistogram.of(EVENT_LOOP_LAG)
         self._handle: asyncio.TimerHandle | None = None
         self._due = 0.0
 
