@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .load import Options, run_load
-from .suite import ROOT, _cpu_seconds, _failgate_config, _port, _seed_key, _wait_port, stop_processes
+from .suite import ROOT, _cpu_seconds, _failgate_config, _port, _seed_key, _wait_port, redis_command, stop_processes
 
 ROUTES = (("passthrough", "/pass", False), ("rate limit (sliding window)", "/rl/sliding", False),
           ("auth (API key)", "/auth", True), ("auth + rate limit", "/auth-rl", True))
@@ -58,8 +57,7 @@ def main() -> int:
         up = _port()
         spawn([py, "-m", f"{__package__}.upstream", str(up)], up)
         rport = _port()
-        spawn([shutil.which("redis-server") or "redis-server", "--port", str(rport), "--save", "", "--appendonly",
-               "no", "--dir", str(work)], rport)
+        spawn(redis_command(rport, work), rport)
         key = _seed_key(f"redis://127.0.0.1:{rport}/0")
         plain_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
         compiled_env = {**plain_env, "PYTHONPATH": f"{compiled}{os.pathsep}{ROOT}", "PYTHONSAFEPATH": "1"}

@@ -23,7 +23,17 @@ import time
 from pathlib import Path
 
 from .load import Options, run_load
-from .suite import ROOT, _failgate_config, _jwt_tokens, _port, _seed_key, _wait_port, build, stop_processes
+from .suite import (
+    ROOT,
+    _failgate_config,
+    _jwt_tokens,
+    _port,
+    _seed_key,
+    _wait_port,
+    build,
+    redis_command,
+    stop_processes,
+)
 
 
 def _control(*args: str) -> None:
@@ -83,8 +93,7 @@ def main() -> int:
         for p in three:
             spawn([py, "-m", f"{__package__}.upstream", str(p)], p)
         rport = _port()
-        spawn([shutil.which("redis-server") or "redis-server", "--port", str(rport), "--save", "", "--appendonly",
-               "no", "--dir", str(work)], rport)
+        spawn(redis_command(rport, work), rport)
         key = _seed_key(f"redis://127.0.0.1:{rport}/0")
         bearer = [("Authorization", f"Bearer {key}")]
         runs: dict[str, list[tuple[int, int]]] = {}

@@ -37,6 +37,12 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def redis_command(port: int, workdir: Path) -> list[str]:
+    """A throwaway redis-server on a loopback port: nothing saved, its files in `workdir`."""
+    return [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]
+
+
 def _wait_port(port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -266,8 +272,7 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = 
     try:
         up = bench.spawn("upstream", [py, "-m", f"{__package__}.upstream", str(p := _port())], p)
         redis_port = _port()
-        redis_args = [shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--bind",
-                      "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+        redis_args = redis_command(redis_port, workdir)
         bench.spawn("redis", redis_args, redis_port)
         fault_port = _port()
         fault = bench.spawn("faultproxy", [py, "-m", f"{__package__}.faultproxy", str(fault_port), str(redis_port)],

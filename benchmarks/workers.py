@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 from .load import Options, run_load
-from .suite import _cpu_seconds, _failgate_config, _port, _wait_port, stop_processes
+from .suite import _cpu_seconds, _failgate_config, _port, _wait_port, redis_command, stop_processes
 
 
 def _tree(pid: int) -> list[int]:
@@ -55,8 +54,7 @@ def main() -> int:
         up = _port()
         spawn([py, "-m", f"{__package__}.upstream", str(up)], up)
         rport = _port()
-        spawn([shutil.which("redis-server") or "redis-server", "--port", str(rport), "--save", "", "--appendonly",
-               "no", "--dir", str(work)], rport)
+        spawn(redis_command(rport, work), rport)
         print(f"{os.cpu_count()} cores shared by the generator, the upstream, Redis and Failgate; 64 connections, "
               f"{args.seconds:g}s per row")
         print(f"  {'workers':>7} {'route':<22} {'req/s':>8} {'CPU µs/req (all Failgate processes)':>36}")

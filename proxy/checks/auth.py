@@ -144,7 +144,8 @@ class AuthCheck(CheckKind):
     # --- verdicts ---------------------------------------------------------------------------------------------
     def unauthorized(self, detail: str, basis: Basis = "checked", reason: Reason | None = None,
                      age: float | None = None) -> Verdict:
-        return Verdict("auth", False, basis, 401, "unauthorized", detail, list(self.challenge), reason, age)
+        return Verdict("auth", False, basis, status=401, code="unauthorized", detail=detail,
+                       headers=list(self.challenge), reason=reason, age=age)
 
     def judge(self, record: Record | str, now: float, basis: Basis = "checked", reason: Reason | None = None,
               age: float | None = None) -> Verdict:
@@ -158,6 +159,7 @@ class AuthCheck(CheckKind):
             return self.unauthorized("the API key has expired", basis, reason, age)
         if not self.scopes.issubset(record.scopes):
             missing = ", ".join(sorted(self.scopes.difference(record.scopes)))
-            return Verdict("auth", False, basis, 403, "forbidden", f"missing scope: {missing}", (), reason, age)
+            return Verdict("auth", False, basis, status=403, code="forbidden", detail=f"missing scope: {missing}",
+                           reason=reason, age=age)
         identity = _new_tuple(Identity, (record.principal, tuple(record.scopes), record.plan))
         return Verdict("auth", True, basis, reason=reason, age=age, identity=identity)

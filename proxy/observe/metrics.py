@@ -208,8 +208,6 @@ class FastHistogram:
         self._counts = [0] * len(self._bounds)
         self._total = 0.0
         self._deferred = multiprocess_dir() is None if deferred is None else deferred
-        if self._deferred:
-            _DEFERRED.append(self)
 
     @staticmethod
     def of(child: Histogram) -> FastHistogram:
@@ -238,13 +236,12 @@ class FastHistogram:
         self._sum(total)
 
 
-_FAST: dict[Histogram, FastHistogram] = {}
-_DEFERRED: list[FastHistogram] = []
+_FAST: dict[Histogram, FastHistogram] = {}  # every one the hot path uses (`of`)
 
 
 def flush() -> None:
     """Add every deferred observation into prometheus-client's values."""
-    for fast in _DEFERRED:
+    for fast in _FAST.values():
         fast.flush()
 
 
