@@ -41,8 +41,8 @@ def _control(*args: str) -> None:
 
 
 def _measure(pid: int, out: Path, url: str, seconds: float, concurrency: int,
-             headers: list[tuple[str, str]], rotate: list[tuple[str, str]] | None = None) -> tuple[int, int]:
-    """(instructions, responses) for one scenario."""
+             headers: list[tuple[str, str]], rotate: list[tuple[str, str]] | None = None) -> tuple[int, int, Path]:
+    """(instructions, responses, callgrind's dump) for one scenario."""
     # warm the path (imports, caches, pooled connections; every rotated token seen once) before counting
     run_load(Options(url, concurrency=8 if rotate else 1, duration=8.0 if rotate else 0.5, warmup=0.0,
                      progress=False, headers=headers, rotate=rotate or []))
@@ -61,7 +61,46 @@ def _measure(pid: int, out: Path, url: str, seconds: float, concurrency: int,
     dump = max(new, key=lambda p: p.stat().st_mtime)
     time.sleep(0.2)
     total = int(re.search(r"^totals: (\d+)", dump.read_text(), re.M).group(1))  # type: ignore[union-attr]
-    return total, result.requests
+    return total, result.requests, dump
+
+
+_ANNOTATED = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S.*)$")
+
+
+def _costs(dump: Path, inclusive: bool) -> dict[str, int]:
+    """Instructions by function (self or inclusive cost) from callgrind_annotate."""
+    text = subprocess.run(["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}", "--auto=no",
+                           "--threshold=100", str(dump)],
+                          check=True, capture_output=True, text=True).stdout
+    costs: dict[str, int] = {}
+    for line in text.splitlines():
+        m = _ANNOTATED.match(line)
+        if m and "PROGRAM TOTALS" not in line and not m.group(2).startswith("=>"):
+            name = m.group(2)
+            costs[name] = costs.get(name, 0) + int(m.group(1).replace(",", ""))
+    return costs
+
+
+def _profile(runs: dict[str, list[tuple[int, int, Path]]], top: int) -> None:
+    """Per scenario, the functions whose instructions per request grew most over passthrough's (last round): by
+    self cost, and by inclusive cost among compiled functions (mypyc's CPyDef_, Cython's __pyx_: aiohttp, uvloop),
+    which name what Python code ran in a compiled build."""
+    _, base_n, base_dump = runs["failgate passthrough"][-1]
+    for inclusive in (False, True):
+        base = {k: v / base_n for k, v in _costs(base_dump, inclusive).items()}
+        for name, results in runs.items():
+            if not name.startswith("failgate") or name == "failgate passthrough":
+                continue
+            _, n, dump = results[-1]
+            costs = {k: v / n for k, v in _costs(dump, inclusive).items()}
+            names = set(costs) | set(base)
+            if inclusive:
+                names = {k for k in names if "CPyDef_" in k or "__pyx_" in k}
+            diff = sorted(((costs.get(k, 0.0) - base.get(k, 0.0), k) for k in names), reverse=True)
+            print(f"\n{name}: instructions per request over passthrough, by function "
+                  f"({'inclusive cost, compiled functions' if inclusive else 'self cost'})")
+            for d, k in diff[:top]:
+                print(f"  {d:9.0f}  {k.split(' [')[0][-120:]}")
 
 
 def main() -> int:
@@ -71,6 +110,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--only", default="", help="comma-separated words: only the Failgate scenarios whose "
                         "names contain one (the reference proxy is always measured)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="also list, per scenario, the N "
+                        "functions that cost most per request over passthrough (callgrind_annotate, self cost)")
     args = parser.parse_args()
     only = [w for w in args.only.split(",") if w]
     if not shutil.which("valgrind"):
@@ -96,7 +137,7 @@ def main() -> int:
         spawn(redis_command(rport, work), rport)
         key = _seed_key(f"redis://127.0.0.1:{rport}/0")
         bearer = [("Authorization", f"Bearer {key}")]
-        runs: dict[str, list[tuple[int, int]]] = {}
+        runs: dict[str, list[tuple[int, int, Path]]] = {}
 
         def measure(name: str, pid: int, out: Path, url: str, hdrs: list[tuple[str, str]],
                     rotate: list[tuple[str, str]] | None = None) -> None:
@@ -139,7 +180,7 @@ def main() -> int:
                     measure(name, fg.pid, out3, base + path, hdrs)
             if not only or "jwt" in only:
                 measure("failgate jwt, 1,000 tokens", fg.pid, out3, base + "/jwt", [], tokens)
-        rows = [(name, statistics.median(total / n for total, n in results if n), sum(n for _, n in results))
+        rows = [(name, statistics.median(total / n for total, n, _ in results if n), sum(n for _, n, _ in results))
                 for name, results in runs.items()]
         print(f"instructions per request (callgrind), Failgate {build()}, {args.concurrency} connections, "
               f"{args.seconds:g}s each, median of {args.rounds}")
@@ -155,8 +196,10 @@ def main() -> int:
                 extra = f"  (+{(per - ref_per) / 1000:.0f}k over the reference proxy)"
             else:
                 extra = ""
-            each = " ".join(f"{total / k / 1000:.0f}k" for total, k in runs[name] if k)
+            each = " ".join(f"{total / k / 1000:.0f}k" for total, k, _ in runs[name] if k)
             print(f"  {name:<30} {per / 1000:8.0f}k  over {n} responses{extra}  [{each}]")
+        if args.profile:
+            _profile(runs, args.profile)
         return 0
     finally:
         stop_processes(procs, work)

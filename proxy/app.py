@@ -12,7 +12,6 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -83,19 +82,22 @@ def _bytes_out(resp: web.StreamResponse) -> int:
     return len(body) if isinstance(body, (bytes, bytearray)) else 0
 
 
-@dataclass(slots=True)
 class Facts:
-    """What the handler learned about one request, for its response, its metrics and its log lines."""
+    """What the handler learned about one request, for its response, its metrics and its log lines. (A plain
+    class: a dataclass's generated __init__ would be interpreted on every request, even in a compiled build.)"""
 
-    rid: str
-    started: float
-    route: Route | None = None
-    client: str = ""
-    decision: Decision | None = None
-    websocket: bool = False  # an `Upgrade: websocket` handshake
-    trace: Trace | None = None  # the upstream leg, for the access log
-    checks: float = 0.0  # seconds spent in the checks (the store round trips, an authorizer)
-    released: bool = False  # no longer counted as in flight on its config (a tunnel, once established)
+    __slots__ = ("checks", "client", "decision", "released", "rid", "route", "started", "trace", "websocket")
+
+    def __init__(self, rid: str, started: float) -> None:
+        self.rid = rid
+        self.started = started
+        self.route: Route | None = None
+        self.client = ""
+        self.decision: Decision | None = None
+        self.websocket = False  # an `Upgrade: websocket` handshake
+        self.trace: Trace | None = None  # the upstream leg, for the access log
+        self.checks = 0.0  # seconds spent in the checks (the store round trips, an authorizer)
+        self.released = False  # no longer counted as in flight on its config (a tunnel, once established)
 
 
 class Proxy:

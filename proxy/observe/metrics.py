@@ -239,10 +239,45 @@ class FastHistogram:
 _FAST: dict[Histogram, FastHistogram] = {}  # every one the hot path uses (`of`)
 
 
+class FastCounter:
+    """`inc(1)` of one counter child, kept like FastHistogram's observations: a plain count in a single process,
+    added into the child when the registry is read; with workers, straight into its multiprocess value."""
+
+    __slots__ = ("_deferred", "_inc", "_n")
+
+    def __init__(self, child: Counter, deferred: bool | None = None) -> None:
+        self._inc = incrementer(child)
+        self._n = 0
+        self._deferred = multiprocess_dir() is None if deferred is None else deferred
+
+    @staticmethod
+    def of(child: Counter) -> FastCounter:
+        fast = _COUNTERS.get(child)
+        if fast is None:
+            fast = _COUNTERS[child] = FastCounter(child)
+        return fast
+
+    def inc(self) -> None:
+        if self._deferred:
+            self._n += 1
+        else:
+            self._inc(1.0)
+
+    def flush(self) -> None:
+        if self._n:
+            n, self._n = self._n, 0
+            self._inc(float(n))
+
+
+_COUNTERS: dict[Counter, FastCounter] = {}
+
+
 def flush() -> None:
-    """Add every deferred observation into prometheus-client's values."""
+    """Add every deferred observation and count into prometheus-client's values."""
     for fast in _FAST.values():
         fast.flush()
+    for counter in _COUNTERS.values():
+        counter.flush()
 
 
 class RouteMetrics:
@@ -252,23 +287,23 @@ class RouteMetrics:
 
     def __init__(self, route: str) -> None:
         self._name = route
-        self._by_status: dict[int, Callable[[float], None]] = {}
-        self._decisions: dict[tuple[str, bool, str, bool], Callable[[float], None]] = {}
+        self._by_status: dict[int, FastCounter] = {}
+        self._decisions: dict[tuple[str, bool, str, bool], FastCounter] = {}
         self.duration = FastHistogram.of(REQUEST_DURATION.labels(route))
 
     def decided(self, verdict: Verdict) -> None:
         key = (verdict.check, verdict.allow, verdict.basis, verdict.shadow_deny)
-        inc = self._decisions.get(key)
-        if inc is None:
-            inc = self._decisions[key] = incrementer(DECISIONS.labels(
+        counter = self._decisions.get(key)
+        if counter is None:
+            counter = self._decisions[key] = FastCounter.of(DECISIONS.labels(
                 self._name, verdict.check, verdict.decision, verdict.basis))
-        inc(1.0)
+        counter.inc()
 
     def count(self, status: int) -> None:
-        inc = self._by_status.get(status)
-        if inc is None:
-            inc = self._by_status[status] = incrementer(REQUESTS.labels(self._name, str(status)))
-        inc(1.0)
+        counter = self._by_status.get(status)
+        if counter is None:
+            counter = self._by_status[status] = FastCounter.of(REQUESTS.labels(self._name, str(status)))
+        counter.inc()
 
 
 class StoreMetrics:
@@ -277,9 +312,9 @@ class StoreMetrics:
     __slots__ = ("_by_result", "_duration")
 
     def __init__(self) -> None:
-        self._by_result = {r: incrementer(STORE_OPERATIONS.labels(r)) for r in ("ok", *get_args(Reason))}
+        self._by_result = {r: FastCounter.of(STORE_OPERATIONS.labels(r)) for r in ("ok", *get_args(Reason))}
         self._duration = FastHistogram.of(STORE_DURATION)
 
     def observe(self, result: str, seconds: float) -> None:
-        self._by_result[result](1.0)
+        self._by_result[result].inc()
         self._duration.observe(seconds)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from proxy.observe.metrics import REGISTRY, REQUEST_DURATION, FastHistogram, incrementer
+from proxy.observe.metrics import REGISTRY, REQUEST_DURATION, REQUESTS, FastCounter, FastHistogram, incrementer
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
 VALUES = [0.0, 0.0005, 0.001, 0.0010001, 0.01, 0.05, 0.1, 1.0, 1.5, 1e9]  # every bound hit exactly, and past +Inf
@@ -58,3 +58,27 @@ def test_every_read_of_the_registry_sees_the_observations_kept_in_a_single_proce
     assert 'failgate_request_duration_seconds_bucket{le="0.025",route="t-deferred"} 3.0' in text
     assert REGISTRY.get_sample_value("failgate_request_duration_seconds_sum", {"route": "t-deferred"}) == \
         pytest.approx(7.0234)
+
+
+@pytest.mark.parametrize("deferred", [True, False])
+def test_fast_counter_counts_like_inc(deferred: bool) -> None:
+    registry = CollectorRegistry()
+    child = Counter("c_total", "c", ["route"], registry=registry).labels("r")
+    fast = FastCounter(child, deferred)
+    child.inc()
+    for _ in range(4):
+        fast.inc()
+    assert registry.get_sample_value("c_total", {"route": "r"}) == (1.0 if deferred else 5.0)
+    fast.flush()
+    fast.flush()  # a second flush adds nothing
+    assert registry.get_sample_value("c_total", {"route": "r"}) == 5.0
+
+
+def test_every_read_of_the_registry_sees_the_counts_kept_in_a_single_process() -> None:
+    fast = FastCounter.of(REQUESTS.labels("t-deferred", "200"))
+    assert FastCounter.of(REQUESTS.labels("t-deferred", "200")) is fast
+    fast.inc()
+    fast.inc()
+    assert REGISTRY.get_sample_value("failgate_requests_total", {"route": "t-deferred", "status": "200"}) == 2.0
+    fast.inc()
+    assert 'failgate_requests_total{route="t-deferred",status="200"} 3.0' in generate_latest(REGISTRY).decode()
