@@ -86,6 +86,10 @@ def _profile(runs: dict[str, list[tuple[int, int, Path]]], top: int) -> None:
     self cost, and by inclusive cost among compiled functions (mypyc's CPyDef_, Cython's __pyx_: aiohttp, uvloop),
     which name what Python code ran in a compiled build."""
     _, base_n, base_dump = runs["failgate passthrough"][-1]
+    kept = Path(tempfile.mkdtemp(prefix="failgate-profile-"))
+    for name, results in runs.items():
+        shutil.copy(results[-1][2], kept / (re.sub(r"[^a-z0-9]+", "-", name).strip("-") + ".cg"))
+    print(f"callgrind's dumps (for callgrind_annotate --tree=calling, kcachegrind): {kept}")
     for inclusive in (False, True):
         base = {k: v / base_n for k, v in _costs(base_dump, inclusive).items()}
         for name, results in runs.items():

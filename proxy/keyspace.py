@@ -22,8 +22,18 @@ RECORD = "apikey:"
 
 
 def digest_of(key: str) -> str:
-    """A key's SHA-256, as the store and every log know it."""
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+    """A key's SHA-256, as the store and every log know it. Clients repeat their keys: the digests of the last
+    few thousand are remembered (a SHA-256 through OpenSSL costs more to set up than to compute)."""
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+        if len(_DIGESTS) >= 4096:  # bounded whatever clients send: random keys only keep clearing it
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
+
+
+_DIGESTS: dict[str, str] = {}
 
 
 BUCKETS = [f"{i:02x}" for i in range(256)]

@@ -110,9 +110,13 @@ _clock: Clock | None = None
 def expiry(seconds: float) -> Budget:
     """A deadline `seconds` from now for the current task; use as `with expiry(seconds):`."""
     global _clock
-    loop = asyncio.get_running_loop()
-    if _clock is None or _clock.loop is not loop:  # (one loop per process; tests run one after another)
+    # The current task of the clock's loop: None when that loop is not the one running (tests run one loop after
+    # another). Asked of the clock's loop first because `asyncio.get_running_loop()` makes a getpid() system call
+    # (CPython checks for a fork on every call), and this is on every request.
+    task = asyncio.current_task(_clock.loop) if _clock is not None else None
+    if task is None or _clock is None:
+        loop = asyncio.get_running_loop()
         _clock = Clock(loop)
-    task = asyncio.current_task(loop)
-    assert task is not None
+        task = asyncio.current_task(loop)
+        assert task is not None
     return Budget(_clock, task, seconds)

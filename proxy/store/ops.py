@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 
@@ -27,11 +26,17 @@ class LimitsOp(NamedTuple):
     shape: tuple[object, ...] = ()  # everything but the keys, for a store that packs the call once per shape
 
 
-@dataclass(frozen=True, slots=True)
 class GetOp:
-    """Read one value (an API-key record, the epoch marker)."""
+    """Read one value (an API-key record, the epoch marker). (A plain class: a frozen dataclass's generated
+    __init__ is interpreted Python even in a compiled build, and an API-key check makes one per request.)"""
 
-    key: str
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"GetOp({self.key!r})"
 
 
 Op = RateOp | LimitsOp | GetOp

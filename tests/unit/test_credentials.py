@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from proxy.checks.auth import credential_subject, parse_credential
@@ -23,3 +25,13 @@ def test_every_spelling_of_one_credential_is_one_subject() -> None:
     assert {credential_subject(v, None) for v in spellings} == {"bearer K"}
     assert credential_subject("Basic abc", "bearer") == "basic abc"  # another scheme: folded the same way
     assert credential_subject("Bearer K", None) != credential_subject("Bearer L", None)
+
+
+def test_a_keys_digest_is_its_sha256_however_many_keys_clients_send() -> None:
+    from proxy import keyspace
+
+    assert keyspace.digest_of("fg_abc") == hashlib.sha256(b"fg_abc").hexdigest()
+    assert keyspace.digest_of("fg_abc") == hashlib.sha256(b"fg_abc").hexdigest()  # remembered, the same
+    for i in range(10_000):  # a flood of random keys: the memory of digests stays bounded
+        assert keyspace.digest_of(f"k{i}") == hashlib.sha256(f"k{i}".encode()).hexdigest()
+    assert len(keyspace._DIGESTS) <= 4096
