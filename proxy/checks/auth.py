@@ -157,7 +157,7 @@ class AuthCheck(CheckKind):
         assert isinstance(record, Record)
         if record.expires_at is not None and record.expires_at <= now:
             return self.unauthorized("the API key has expired", basis, reason, age)
-        if not self.scopes.issubset(record.scopes):
+        if self.scopes and not self.scopes.issubset(record.scopes):
             missing = ", ".join(sorted(self.scopes.difference(record.scopes)))
             return Verdict("auth", False, basis, status=403, code="forbidden", detail=f"missing scope: {missing}",
                            reason=reason, age=age)
