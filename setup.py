@@ -22,6 +22,7 @@ COMPILED = [
     "proxy/checks/algorithms.py",
     "proxy/checks/auth.py",
     "proxy/checks/local.py",
+    "proxy/checks/memo.py",
     "proxy/checks/ratelimit.py",
     "proxy/observe/metrics.py",
     "proxy/store/breaker.py",

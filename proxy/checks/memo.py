@@ -19,17 +19,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Final
 
-import msgspec
+from .record import Record
 
-
-class Record(msgspec.Struct, frozen=True):
-    """A key's record in the store (keyspace.py; written by `failgate keys add`)."""
-
-    principal: str
-    scopes: list[str] = []
-    expires_at: float | None = None  # unix seconds
-    plan: str | None = None  # picks the quota of limits with `plans`
-
+__all__ = ["PIN_FOR", "REVOKED", "KeyMemory", "Record"]
 
 REVOKED: Final = "revoked"
 
