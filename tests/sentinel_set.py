@@ -128,3 +128,12 @@ class SentinelSet:
             s.stop()
         self.replica.stop()
         self.master.stop()
+
+    def logs(self, lines: int = 60) -> str:
+        """The end of each sentinel's log (elections, votes, +switch-master), for a failed test's report."""
+        out = []
+        for i, s in enumerate(self.sentinels):
+            log = s.workdir / "sentinel.log"
+            text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else ["(no log)"]
+            out.append(f"--- sentinel {i} (port {s.port}) ---\n" + "\n".join(text))
+        return "\n".join(out)

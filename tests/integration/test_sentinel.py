@@ -33,6 +33,7 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
     s = SentinelSet(tmp_path / "sentinel").start()
     yield s
     s.stop()
+    print(s.logs())  # (pytest shows it only when the test failed: what the sentinels did, and when)
 
 
 async def test_the_master_killed_under_load_is_followed_to_the_promoted_replica(
@@ -115,6 +116,7 @@ def planned(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sentinel
                     sentinel_password="sentinel-pw" if protected else None, tls=request.param == "tls").start()
     yield s
     s.stop()
+    print(s.logs())  # (shown only when the test failed)
 
 
 async def test_a_planned_failover_moves_every_worker_off_the_demoted_master(
