@@ -35,7 +35,12 @@ class KeysError(Exception):
 
 
 def new_key() -> str:
-    return secrets.token_urlsafe(32)  # 256 bits, URL-safe
+    """256 bits, URL-safe, and never starting with `-`: a command line would take such a key for an option
+    (`failgate keys revoke -Xy…` fails; one key in 64 would)."""
+    while True:
+        key = secrets.token_urlsafe(32)
+        if not key.startswith("-"):
+            return key
 
 
 def _client(loaded: LoadedConfig) -> redis.Redis:

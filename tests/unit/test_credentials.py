@@ -35,3 +35,11 @@ def test_a_keys_digest_is_its_sha256_however_many_keys_clients_send() -> None:
     for i in range(10_000):  # a flood of random keys: the memory of digests stays bounded
         assert keyspace.digest_of(f"k{i}") == hashlib.sha256(f"k{i}".encode()).hexdigest()
     assert len(keyspace._DIGESTS) <= 4096
+
+
+def test_a_new_key_never_starts_with_a_dash() -> None:
+    from proxy.keys import new_key
+
+    keys = [new_key() for _ in range(3000)]  # without the rule, ~47 of them would
+    assert not [k for k in keys if k.startswith("-")]
+    assert len(set(keys)) == len(keys) and all(len(k) == 43 for k in keys)
