@@ -115,7 +115,8 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated words: only the Failgate scenarios whose "
                         "names contain one (the reference proxy is always measured)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also list, per scenario, the N "
-                        "functions that cost most per request over passthrough (callgrind_annotate, self cost)")
+                        "functions that cost most per request over passthrough, by self cost and by inclusive cost "
+                        "of compiled functions, and keep callgrind's dumps")
     args = parser.parse_args()
     only = [w for w in args.only.split(",") if w]
     if not shutil.which("valgrind"):

@@ -21,10 +21,11 @@ class Sentinel:
         self.password = password
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "sentinel.log"
         self.port = free_port()
         self.conf = workdir / "sentinel.conf"
         self.conf.write_text(
-            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {workdir}\nlogfile {workdir / 'sentinel.log'}\n"
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {workdir}\nlogfile {self.log}\n"
             f"sentinel monitor {MASTER} 127.0.0.1 {master_port} 2\n"
             f"sentinel down-after-milliseconds {MASTER} 500\n"
             f"sentinel failover-timeout {MASTER} 5000\n"
@@ -133,7 +134,6 @@ class SentinelSet:
         """The end of each sentinel's log (elections, votes, +switch-master), for a failed test's report."""
         out = []
         for i, s in enumerate(self.sentinels):
-            log = s.workdir / "sentinel.log"
-            text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else ["(no log)"]
+            text = s.log.read_text(errors="replace").splitlines()[-lines:] if s.log.exists() else ["(no log)"]
             out.append(f"--- sentinel {i} (port {s.port}) ---\n" + "\n".join(text))
         return "\n".join(out)
