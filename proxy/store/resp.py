@@ -81,6 +81,7 @@ class _Group:
             batch = self.batch
             if batch is not None:
                 batch.answered()
+                self.batch = None  # (the batch lists its groups: a cycle, which only the collector would free)
             future = self.future
             if future.done():
                 return  # its request timed out or went away: the reply is dropped, in order
@@ -97,6 +98,7 @@ class _Group:
     def fail(self, exc: StoreUnavailable) -> None:
         if self.batch is not None:
             self.batch.answered()
+            self.batch = None
         if not self.future.done():
             self.future.set_exception(exc)
             # The awaiting request may already be gone; don't warn about a never-retrieved exception.

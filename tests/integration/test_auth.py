@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import subprocess
@@ -281,3 +282,27 @@ async def test_each_round_trip_of_a_principal_limit_has_its_own_store_timeout(up
         fault_proxy.set("delay_replies", 0.5)  # past store.timeout: the first trip (auth, closed) fails
         r = await raw_request(p.port, "/api", headers={"Authorization": key})
         assert (r.status, r.headers["failgate-degraded"]) == (503, "auth;mode=closed;reason=timeout")
+
+
+async def test_a_checked_request_leaves_nothing_for_the_garbage_collector(upstream: Upstream,
+                                                                          redis_server: RedisServer) -> None:
+    # What a request allocates is freed when the request ends, by reference counting: a reference cycle made per
+    # request is work for the collector on every request (and was found in the store client once).
+    key = new_key(redis_server.url, "alice", [])
+    routes = auth_route("arl", "{type: api_key, scheme: Bearer, on_store_error: closed}",
+                        "{limit: 1000000, per: 1m, key: client_ip, on_store_error: open}")
+    async with InProcessProxy(config_text(upstream.url, routes, extra=store(redis_server.url))) as p:
+        await raw_request(p.port, "/arl", headers={"Authorization": f"Bearer {key}"})
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage instead of freed
+        try:
+            for _ in range(20):
+                r = await raw_request(p.port, "/arl", headers={"Authorization": f"Bearer {key}"})
+                assert r.status == 200
+            gc.collect()
+            ours = sorted({type(o).__qualname__ for o in gc.garbage
+                           if (type(o).__module__ or "").startswith("proxy")})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert ours == []
