@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal
 
 from .store.errors import Reason
 
@@ -16,15 +16,28 @@ Basis = Literal["checked", "open", "closed", "stale"]
 __all__ = ["Basis", "Decision", "Identity", "Quota", "Reason", "Verdict"]
 
 
-class Identity(NamedTuple):  # (made per request: a NamedTuple costs half what a frozen dataclass does)
-    """Who a credential belongs to, as the auth check established it."""
+@dataclass(slots=True, init=False)
+class Identity:
+    """Who a credential belongs to, as the auth check established it. (Made per request: its own __init__, as
+    below.)"""
 
     principal: str
     scopes: tuple[str, ...]
-    plan: str | None = None
+    plan: str | None
+
+    def __init__(self, principal: str, scopes: tuple[str, ...], plan: str | None = None) -> None:
+        self.principal = principal
+        self.scopes = scopes
+        self.plan = plan
 
 
-class Quota(NamedTuple):
+# The per-request classes below are dataclasses for their repr and ==, but write their own __init__: the one
+# `dataclass` generates is Python source made at import time, which a compiled build would still interpret on
+# every request (about 1 µs for a Verdict). (A NamedTuple is no cheaper there: made through tuple.__new__, its
+# fields read by name through descriptors, where a compiled class is one call and reads its fields directly.)
+
+@dataclass(slots=True, init=False)
+class Quota:
     """A rate limit's answer as the IETF RateLimit fields report it (draft-ietf-httpapi-ratelimit-headers)."""
 
     item: str  # its RateLimit-Policy item, `"<policy>";q=<q>;w=<w>` (made once per limit and quota)
@@ -34,10 +47,14 @@ class Quota(NamedTuple):
     reset_after: float  # seconds until the quota is whole again
     retry_after: float  # seconds until a request would be admitted; 0 when admitted
 
+    def __init__(self, item: str, policy: str, q: int, r: int, reset_after: float, retry_after: float) -> None:
+        self.item = item
+        self.policy = policy
+        self.q = q
+        self.r = r
+        self.reset_after = reset_after
+        self.retry_after = retry_after
 
-# The per-request classes below are dataclasses for their repr and ==, but write their own __init__: the one
-# `dataclass` generates is Python source made at import time, which a compiled build would still interpret on
-# every request (about 1 µs for a Verdict).
 
 @dataclass(slots=True, init=False)
 class Verdict:

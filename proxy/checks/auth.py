@@ -1,7 +1,7 @@
 """The auth check (api_key): request facts in, the store's record (or a remembered one) out, a Verdict.
 
-The presented key is hashed (SHA-256) and its record looked up together with the store's epoch marker (the
-layout is in keyspace.py), in the same round trip as the route's rate limit. A missing marker means the store lost
+The presented key is hashed (SHA-256) and its record read together with the store's epoch marker (the layout is
+in keyspace.py) in one command, in the same round trip as the route's rate limit. A missing marker means the store lost
 its data (restart without persistence, flush, eviction): that is a store `error`, not a 401 for every valid key.
 """
 
@@ -18,8 +18,6 @@ from ..store.errors import StoreUnavailable
 from ..store.ops import GetOp
 from . import CheckKind
 from .memo import REVOKED, KeyMemory, Record
-
-_new_tuple = tuple.__new__  # an Identity made without its Python-level __new__: on every allowed request
 
 _decode_record = msgspec.json.Decoder(Record).decode
 
@@ -72,8 +70,8 @@ class AuthCheck(CheckKind):
         self.scopes = frozenset(cfg.scopes)
         self.key_prefix = key_prefix
         self.bucketed = bucketed  # a Redis Cluster: records and markers per bucket (keyspace.py)
-        self._epoch_op = GetOp(epoch_key(key_prefix))  # the same for every request: made once
-        self._bucket_ops = {b: GetOp(epoch_key(key_prefix, b)) for b in BUCKETS} if bucketed else {}
+        self._epoch = epoch_key(key_prefix)
+        self._bucket_epochs = {b: epoch_key(key_prefix, b) for b in BUCKETS} if bucketed else {}
         self.challenge = [("WWW-Authenticate", f'{cfg.scheme} realm="failgate"')] if cfg.scheme else []
         self._missing = "missing credentials" if cfg.scheme is None else \
             f"missing credentials ({cfg.scheme} <key> in {cfg.header})"
@@ -96,17 +94,22 @@ class AuthCheck(CheckKind):
         return None, digest
 
     def ops(self, digest: str) -> list[GetOp]:
+        """The record and the epoch marker, in one read (on a Cluster both are in the record's bucket's slot)."""
         if self.bucketed:
-            return [GetOp(record_key(self.key_prefix, digest, True)), self._bucket_ops[digest[:2]]]
-        return [GetOp(record_key(self.key_prefix, digest)), self._epoch_op]
+            return [GetOp(record_key(self.key_prefix, digest, True), self._bucket_epochs[digest[:2]])]
+        return [GetOp(record_key(self.key_prefix, digest), self._epoch)]
 
     # --- decide -----------------------------------------------------------------------------------------------
     def decide(self, digest: str, answer: list[object] | StoreUnavailable, memory: KeyMemory, now: float) -> Verdict:
         """The store's answer to `ops(digest)` (or its failure, decided by the fail-mode table) as a Verdict."""
         if type(answer) is not StoreUnavailable:
             assert isinstance(answer, list)
+            read = answer[0]  # [record, marker], or this read's own error reply
             try:
-                return self.from_store(digest, answer[0], answer[1], memory, now)
+                if type(read) is StoreUnavailable:
+                    raise read
+                assert isinstance(read, list)
+                return self.from_store(digest, read[0], read[1], memory, now)
             except StoreUnavailable as exc:
                 answer = exc
         assert isinstance(answer, StoreUnavailable)
@@ -126,9 +129,6 @@ class AuthCheck(CheckKind):
     def from_store(self, digest: str, record_raw: object, epoch_raw: object, memory: KeyMemory,
                    now: float) -> Verdict:
         """Raises StoreUnavailable("error") for a lost store or a malformed record."""
-        for raw in (record_raw, epoch_raw):
-            if isinstance(raw, StoreUnavailable):
-                raise raw
         if epoch_raw is None:
             data_lost()
             raise StoreUnavailable("error", "the store's epoch marker is missing: it lost its data (restart "
@@ -161,5 +161,5 @@ class AuthCheck(CheckKind):
             missing = ", ".join(sorted(self.scopes.difference(record.scopes)))
             return Verdict("auth", False, basis, status=403, code="forbidden", detail=f"missing scope: {missing}",
                            reason=reason, age=age)
-        identity = _new_tuple(Identity, (record.principal, tuple(record.scopes), record.plan))
+        identity = Identity(record.principal, tuple(record.scopes), record.plan)
         return Verdict("auth", True, basis, reason=reason, age=age, identity=identity)

@@ -18,7 +18,6 @@ import hashlib
 import ipaddress
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 from ..config.schema import RateLimit
 from ..decision import Basis, Quota, Reason, Verdict
@@ -67,12 +66,16 @@ _Call = tuple[str, str, int, int, int, bool]  # algorithm, key tail, quota, wind
 _Made = tuple[tuple["RateLimitCheck", ...], tuple[_Call, ...], tuple[object, ...] | None]
 
 
-class Planned(NamedTuple):
-    """A subject's store operation, with the limit behind each of its parts."""
+class Planned:
+    """A subject's store operation, with the limit behind each of its parts. (A plain class, made for every
+    rate-limited request: compiled, one call; see decision.py.)"""
 
-    op: Op
-    limits: tuple[RateLimitCheck, ...]
-    ops: tuple[RateOp, ...]
+    __slots__ = ("limits", "op", "ops")
+
+    def __init__(self, op: Op, limits: tuple[RateLimitCheck, ...], ops: tuple[RateOp, ...]) -> None:
+        self.op = op
+        self.limits = limits
+        self.ops = ops
 
 
 class RateLimitCheck(CheckKind):
@@ -124,8 +127,8 @@ class RateLimitCheck(CheckKind):
         if item is None:
             item = self._items[q] = f'"{self.policy}";q={q};w={self.window_s}'
         allowed = result.allowed
-        quota = _new_tuple(Quota, (item, self.policy, q, result.remaining if result.remaining < q else q,
-                                   result.reset_after, 0.0 if allowed else result.retry_after))
+        quota = Quota(item, self.policy, q, result.remaining if result.remaining < q else q, result.reset_after,
+                      0.0 if allowed else result.retry_after)
         if allowed:
             if reason is None:  # checked: the common case, with the fewest arguments
                 return Verdict(self.check, True, quota=quota)
@@ -199,7 +202,7 @@ class LimitGroup:
     def _plan(self, key: str, plan: str | None) -> Planned | None:
         if self._single is not None:  # one limit: the common case, without the lists
             op = self._single.op(key, plan)
-            return None if op is None else _new_tuple(Planned, (op, self._singles, (op,)))
+            return None if op is None else Planned(op, self._singles, (op,))
         if plan not in self._plans:
             plan = None  # a plan no limit names (client-influenced) is no plan: the table stays bounded
         made = self._made.get(plan) or self._make(plan)
@@ -209,8 +212,8 @@ class LimitGroup:
         ops = tuple([_new_tuple(RateOp, (algorithm, key + tail, limit, window, burst, None, shadow))
                      for algorithm, tail, limit, window, burst, shadow in calls])
         if shape is None:
-            return _new_tuple(Planned, (ops[0], limits, ops))
-        return _new_tuple(Planned, (_new_tuple(LimitsOp, (ops, shape)), limits, ops))
+            return Planned(ops[0], limits, ops)
+        return Planned(_new_tuple(LimitsOp, (ops, shape)), limits, ops)
 
     def _make(self, plan: str | None) -> _Made:
         """What every request of a plan shares (made once per plan the limits name, and once for the rest): the
@@ -230,7 +233,7 @@ class LimitGroup:
     def decide(self, planned: Planned, answer: object, memory: LocalLimiter, now: float) -> list[Verdict]:
         """The store's answer to the planned operation (or its failure, decided limit by limit by the fail-mode
         table), one Verdict per limit."""
-        op, limits, ops = planned
+        op, limits, ops = planned.op, planned.limits, planned.ops
         if type(answer) is RateResult:  # one limit, answered: the common case
             limit = limits[0]
             if limit.mode == "stale":

@@ -31,6 +31,8 @@ class MemoryStore:
     def _one(self, op: Op) -> Any:
         real_now = self.now_us()
         if isinstance(op, GetOp):
+            if op.more:
+                return [self._get(key, real_now) for key in (op.key, *op.more)]
             return self._get(op.key, real_now)
         if isinstance(op, RateOp):
             return self._limits((op,), real_now)[0]

@@ -27,16 +27,19 @@ class LimitsOp(NamedTuple):
 
 
 class GetOp:
-    """Read one value (an API-key record, the epoch marker). (A plain class: a frozen dataclass's generated
+    """Read one value, answered with it (or None); or several in one command, answered with the list of them in
+    order — an API-key record and the epoch marker. On a Cluster the keys of one GetOp share a slot (the bucketed
+    layout, keyspace.py), and `key`, the first, is where it goes. (A plain class: a frozen dataclass's generated
     __init__ is interpreted Python even in a compiled build, and an API-key check makes one per request.)"""
 
-    __slots__ = ("key",)
+    __slots__ = ("key", "more")
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, *more: str) -> None:
         self.key = key
+        self.more = more  # the other keys: () for one value
 
     def __repr__(self) -> str:
-        return f"GetOp({self.key!r})"
+        return f"GetOp({', '.join(repr(k) for k in (self.key, *self.more))})"
 
 
 Op = RateOp | LimitsOp | GetOp

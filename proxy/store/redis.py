@@ -109,7 +109,13 @@ class RedisStore:
     def _pack(self, op: Op) -> bytes:
         if type(op) is GetOp:
             key = op.key.encode()
-            return b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(key), key)
+            if not op.more:
+                return b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(key), key)
+            if len(op.more) == 1:  # a record and its marker: on every API-key check
+                other = op.more[0].encode()
+                return b"*3\r\n$4\r\nMGET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(key), key, len(other), other)
+            keys = [key, *[k.encode() for k in op.more]]
+            return b"*%d\r\n$4\r\nMGET\r\n%b" % (len(keys) + 1, b"".join([_bulk(k) for k in keys]))
         if type(op) is RateOp and op.now is None:  # (tests pin the clock: not worth caching)
             shape: Any = (op.algorithm, op.limit, op.window, op.burst, op.shadow)
             parts = self._parts.get(shape)

@@ -91,6 +91,14 @@ async def test_keys_are_isolated(store) -> None:  # type: ignore[no-untyped-def]
     assert (await admit(store, b)).allowed
 
 
+async def test_a_read_of_several_keys_answers_each_in_order(store) -> None:  # type: ignore[no-untyped-def]
+    # (an API key's record and the epoch marker are read in one command)
+    (r,) = await store.execute([RateOp("gcra", "t:set", limit=1, window=S, burst=1, now=T0)])
+    assert r.allowed  # t:set now holds the limit's state (whatever each store stores)
+    many, one = await store.execute([GetOp("t:missing", "t:set", "t:other"), GetOp("t:set")])
+    assert many[0] is None and many[1] is not None and many[1] == one and many[2] is None
+
+
 @pytest.mark.parametrize("algorithm", ["fixed_window", "sliding_window", "gcra"])
 async def test_redis_and_memory_give_identical_answers(redis_server: RedisServer, algorithm: str) -> None:
     rnd = random.Random(algorithm)

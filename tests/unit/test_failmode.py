@@ -43,8 +43,8 @@ class Store:
             return future
         out: list[Any] = []
         for op in ops:
-            if type(op).__name__ == "GetOp":
-                out.append(b"1" if op.key.endswith("epoch") else self.records.get(op.key))
+            if type(op).__name__ == "GetOp":  # a record and the epoch marker, read together
+                out.append([self.records.get(op.key), *[b"1" for _ in op.more]])
             else:
                 window = int(time.time() * 1_000_000) // 60_000_000  # fixed_window state: (window, count)
                 out.append(RateResult(True, 9, 60.0, 0.0, (window, 1)))
