@@ -14,9 +14,9 @@ import re
 import time
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from .compiled import Route, Runtime
 from .decision import Decision, Identity, Verdict
@@ -29,6 +29,8 @@ from .responses import error_response
 from .routing import Authority, BadTarget, Target, authority_of, parse_target
 from .websocket import Tunnels, is_websocket, take_query_param, tunnel
 
+# the identity headers sent upstream, as multidict's case-insensitive strings (set without lower-casing them)
+_PRINCIPAL, _SCOPES, _PLAN = istr("X-Failgate-Principal"), istr("X-Failgate-Scopes"), istr("X-Failgate-Plan")
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
 _NO_ROUTE = RouteMetrics("")
 _SERVED_VERSIONS = (HttpVersion10, HttpVersion11)
@@ -174,7 +176,8 @@ class Proxy:
                         resp = await tunnel(request, route.upstream, out, route.name, self.tunnels,
                                             route.websocket_max_duration, lambda: self._release(rt, facts))
                         return self._done(request, rt, facts, resp)
-                    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+                    expect = request.headers.get(hdrs.EXPECT)
+                    if expect is not None and request.version == HttpVersion11 and expect.lower() == "100-continue":
                         # The size and the checks passed: now the client may send its body (never to HTTP/1.0).
                         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     resp = await route.upstream.forward(request, out)
@@ -290,7 +293,7 @@ class Proxy:
         try:
             target = parse_target(request.raw_path)
             # One authority: an absolute-form target's wins over Host (which is then ignored and replaced).
-            raw_host = target.authority if target.authority is not None else headers.get("Host")
+            raw_host = target.authority if target.authority is not None else headers.get(hdrs.HOST)
             authority = None
             if raw_host or target.authority is not None:
                 authority = authority_of(raw_host or "", target.port or self._port)
@@ -317,7 +320,7 @@ class Proxy:
         if route.auth is not None and len(headers.getall(route.auth.header, ())) > 1:
             return error_response(400, f"more than one {route.auth.header} header", route=route.name,
                                   request_id=rid, request_id_header=rid_header)
-        if "Upgrade" in headers:
+        if hdrs.UPGRADE in headers:
             if method == "GET" and version is HttpVersion11 and is_websocket(headers):
                 facts.websocket = True
             else:
@@ -376,10 +379,10 @@ class Proxy:
         if tag is not None:
             out_headers[rt.degraded_header] = tag
         if identity is not None:
-            out_headers["X-Failgate-Principal"] = identity.principal
-            out_headers["X-Failgate-Scopes"] = ",".join(identity.scopes)
+            out_headers[_PRINCIPAL] = identity.principal
+            out_headers[_SCOPES] = ",".join(identity.scopes)
             if identity.plan is not None:
-                out_headers["X-Failgate-Plan"] = identity.plan
+                out_headers[_PLAN] = identity.plan
         if route.drop_credentials is not None:
             out_headers.popall(route.drop_credentials, None)
         if route.upstream.authorization is not None:  # the upstream's own credentials, from its URL

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from aiohttp import web_response
+from aiohttp import hdrs, web_response
+from multidict import istr
 
 from .checks.auth import AuthCheck
 from .checks.authz import Authorizer, HttpAuthCheck
@@ -160,8 +161,9 @@ class Runtime:
             entries.append((m, route))
         self.router: Router = Router(entries)
         self.trusted = [ipaddress.ip_network(c, strict=False) for c in cfg.trusted_proxies]
-        self.request_id_header = cfg.headers.request_id
-        self.degraded_header = cfg.headers.degraded
+        # header names as multidict's case-insensitive strings: a lookup or a set with one skips lower-casing it
+        self.request_id_header = istr(cfg.headers.request_id)
+        self.degraded_header = istr(cfg.headers.degraded)
         self.max_body = cfg.limits.max_body
         self.max_header_size = cfg.limits.max_header_size
         # aiohttp names itself and Python's version in the Server header of every response unless told otherwise.
@@ -209,7 +211,7 @@ class Runtime:
             return ""
         if not self.trusted or not self._is_trusted(peer):
             return peer
-        values: list[str] = headers.getall("X-Forwarded-For", [])
+        values: list[str] = headers.getall(hdrs.X_FORWARDED_FOR, [])
         hops = [h.strip() for v in values for h in v.split(",") if h.strip()]
         for hop in reversed(hops):
             if not self._is_trusted(hop):

@@ -366,7 +366,7 @@ def copy_response_headers(src: CIMultiDictProxy[str], dst: CIMultiDict[str], dro
 
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
-    values = headers.getall("Connection", ())
+    values = headers.getall(hdrs.CONNECTION, ())
     if not values:
         return frozenset()
     return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())

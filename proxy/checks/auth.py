@@ -8,6 +8,7 @@ its data (restart without persistence, flush, eviction): that is a store `error`
 from __future__ import annotations
 
 import msgspec
+from multidict import istr
 
 from ..config.schema import Auth
 from ..decision import Basis, Identity, Reason, Verdict
@@ -65,7 +66,7 @@ class AuthCheck(CheckKind):
     def __init__(self, route: str, cfg: Auth, *, key_prefix: str, retry_after: float, bucketed: bool = False) -> None:
         super().__init__(route, cfg, retry_after)
         self.cfg: Auth = cfg
-        self.header = cfg.header
+        self.header = istr(cfg.header)
         self.scheme = cfg.scheme.lower() if cfg.scheme else None
         self.scopes = frozenset(cfg.scopes)
         self.key_prefix = key_prefix

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 from yarl import URL
 
 from ..config.schema import Auth
@@ -79,7 +79,7 @@ class HttpAuthCheck(CheckKind):
         super().__init__(route, cfg, retry_after)
         self.cfg: Auth = cfg
         self.authorizer = authorizer
-        self.header = cfg.header  # the credential header (two of them are refused before the call)
+        self.header = istr(cfg.header)  # the credential header (two of them are refused before the call)
         url = URL(cfg.url or "")  # (validated: an http or https URL with a host)
         self._origin = Origin.of(url)
         self._target = url.raw_path_qs or "/"  # what is asked for: the URL's path and query, as written

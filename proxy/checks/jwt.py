@@ -16,6 +16,7 @@ from typing import Any
 
 import jwt as pyjwt
 from jwt.exceptions import PyJWTError
+from multidict import istr
 
 from ..config.schema import Auth
 from ..decision import Identity, Reason, Verdict
@@ -57,7 +58,7 @@ class JwtCheck(CheckKind):
         self.cfg: Auth = cfg
         self.keyset = keyset
         self.tokens = tokens
-        self.header = cfg.header
+        self.header = istr(cfg.header)
         self.scheme = (cfg.scheme or "Bearer").lower()
         self.scopes = frozenset(cfg.scopes)
         self.algorithms = list(cfg.algorithms or [])
