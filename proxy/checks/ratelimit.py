@@ -117,7 +117,7 @@ class RateLimitCheck(CheckKind):
         if call is None:
             return None
         tail, limit, burst = call
-        return _new_tuple(RateOp, (self.algorithm, subject_key + tail, limit, self.window, burst, None, self.shadow))
+        return RateOp(self.algorithm, subject_key + tail, limit, self.window, burst, None, self.shadow)
 
     def verdict(self, op: RateOp, result: RateResult, *, basis: Basis = "checked", reason: Reason | None = None,
                 age: float | None = None) -> Verdict:
@@ -209,7 +209,7 @@ class LimitGroup:
         limits, calls, shape = made
         if not calls:
             return None
-        ops = tuple([_new_tuple(RateOp, (algorithm, key + tail, limit, window, burst, None, shadow))
+        ops = tuple([RateOp(algorithm, key + tail, limit, window, burst, None, shadow)
                      for algorithm, tail, limit, window, burst, shadow in calls])
         if shape is None:
             return Planned(ops[0], limits, ops)

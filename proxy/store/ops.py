@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
+# RateOp and RateResult are made for every rate-limited request: dataclasses for their repr and ==, with their own
+# __init__ (the one `dataclass` generates is Python source, interpreted even in a compiled build, and a NamedTuple
+# is made through tuple.__new__ and read through descriptors, where a compiled class is one call and direct reads).
+# Treat them as immutable.
 
-class RateOp(NamedTuple):
-    """Count one request against a rate limit and say whether it is admitted. (A NamedTuple: made for every
-    rate-limited request, and a tuple is the cheapest immutable value to make.)"""
+
+@dataclass(slots=True, init=False)
+class RateOp:
+    """Count one request against a rate limit and say whether it is admitted."""
 
     algorithm: str  # fixed_window | sliding_window | gcra
     key: str  # full store key
     limit: int
     window: int  # µs
     burst: int
-    now: int | None = None  # µs; None = the store's own clock (tests pin it)
-    shadow: bool = False  # counted and reported, never denies (and never stops the others of a LimitsOp counting)
+    now: int | None  # µs; None = the store's own clock (tests pin it)
+    shadow: bool  # counted and reported, never denies (and never stops the others of a LimitsOp counting)
+
+    def __init__(self, algorithm: str, key: str, limit: int, window: int, burst: int, now: int | None = None,
+                 shadow: bool = False) -> None:
+        self.algorithm = algorithm
+        self.key = key
+        self.limit = limit
+        self.window = window
+        self.burst = burst
+        self.now = now
+        self.shadow = shadow
 
 
 class LimitsOp(NamedTuple):
@@ -45,10 +61,20 @@ class GetOp:
 Op = RateOp | LimitsOp | GetOp
 
 
-class RateResult(NamedTuple):
+@dataclass(slots=True, init=False)
+class RateResult:
     allowed: bool
     remaining: int
     reset_after: float  # seconds
     retry_after: float  # seconds; 0 when allowed
     state: tuple[int, ...]  # the stored state after this call (for the stale mode)
-    committed: bool = True  # this call was counted (False: denied, or admitted here but denied by another limit)
+    committed: bool  # this call was counted (False: denied, or admitted here but denied by another limit)
+
+    def __init__(self, allowed: bool, remaining: int, reset_after: float, retry_after: float,
+                 state: tuple[int, ...], committed: bool = True) -> None:
+        self.allowed = allowed
+        self.remaining = remaining
+        self.reset_after = reset_after
+        self.retry_after = retry_after
+        self.state = state
+        self.committed = committed

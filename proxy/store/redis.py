@@ -195,7 +195,6 @@ class RedisStore:
             await self.locator.close()
 
 
-_new_tuple = tuple.__new__
 _SIZE = {"fixed_window": 2, "sliding_window": 3, "gcra": 1}
 
 
@@ -210,18 +209,16 @@ def _result(op: Op, reply: Any) -> Any:
         if type(reply) is not list:
             raise TypeError
         if type(op) is RateOp and len(reply) == 8:  # one limit: the common case
-            # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function, this is on every request
-            return _new_tuple(RateResult, (reply[0] == 1, reply[1], reply[2] / 1e6, reply[3] / 1e6,
-                                           tuple(reply[5:5 + _SIZE[op.algorithm]]), reply[4] == 1))
+            return RateResult(reply[0] == 1, reply[1], reply[2] / 1e6, reply[3] / 1e6,
+                              tuple(reply[5:5 + _SIZE[op.algorithm]]), reply[4] == 1)
         limits = _limits_of(op)
         if len(reply) != 8 * len(limits):
             raise TypeError
         results = []
         i = 0
         for limit in limits:
-            results.append(_new_tuple(RateResult, (reply[i] == 1, reply[i + 1], reply[i + 2] / 1e6, reply[i + 3] / 1e6,
-                                                   tuple(reply[i + 5:i + 5 + _SIZE[limit.algorithm]]),
-                                                   reply[i + 4] == 1)))
+            results.append(RateResult(reply[i] == 1, reply[i + 1], reply[i + 2] / 1e6, reply[i + 3] / 1e6,
+                                      tuple(reply[i + 5:i + 5 + _SIZE[limit.algorithm]]), reply[i + 4] == 1))
             i += 8
         return results[0] if type(op) is RateOp else results
     except TypeError:
