@@ -20,6 +20,7 @@ from .checks.memo import REVOKED, KeyMemory, Record
 from .compiled import Memories, Runtime
 from .config import LoadedConfig
 from .jwks import JwksSupply, KeySet
+from .observe import metrics
 from .observe.decisionlog import DecisionLog, LogWriter
 from .observe.lag import LagSampler
 from .observe.metrics import BREAKER_STATE
@@ -231,6 +232,7 @@ class Serving:
         while True:
             await asyncio.sleep(1.0)
             seconds += 1
+            metrics.flush()  # (a worker's counts reach its parent's /metrics through its files)
             if self.runtime is not None:
                 self.runtime.decisions.flush()
                 if seconds % 30 == 0:
@@ -329,6 +331,7 @@ class Serving:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        metrics.flush()
         if self.runtime is not None:
             self.runtime.decisions.flush(final=True)
             await self.save_state()
