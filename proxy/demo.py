@@ -119,7 +119,7 @@ def seed_demo_key(serving: object) -> str:
     key = new_key()
     store.set_value(epoch_key(prefix), str(int(time.time())).encode())
     store.set_value(record_key(prefix, digest_of(key)),
-                    msgspec.json.encode(Record(principal="demo", scopes=DEMO_SCOPES)))
+                    msgspec.json.encode(Record(principal="demo", scopes=tuple(DEMO_SCOPES))))
     return key
 
 

@@ -103,7 +103,7 @@ def add(loaded: LoadedConfig, principal: str, scopes: list[str], expires: str | 
     prefix = loaded.config.store.key_prefix
     if plan is not None and not re.match(r"^[a-z0-9_-]{1,32}$", plan):
         raise KeysError(f"--plan: a plan name is 1-32 of a-z, 0-9, '_' and '-', got {plan!r}")
-    record = Record(principal=principal, scopes=scopes, expires_at=expires_at, plan=plan)
+    record = Record(principal=principal, scopes=tuple(scopes), expires_at=expires_at, plan=plan)
 
     bucketed = is_cluster(loaded.config.store.url)
 

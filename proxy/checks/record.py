@@ -11,6 +11,6 @@ class Record(msgspec.Struct, frozen=True):
     """A key's record in the store (keyspace.py; written by `failgate keys add`)."""
 
     principal: str
-    scopes: list[str] = []
+    scopes: tuple[str, ...] = ()  # (decoded as a tuple: an identity takes it as it is, no copy per request)
     expires_at: float | None = None  # unix seconds
     plan: str | None = None  # picks the quota of limits with `plans`

@@ -12,7 +12,7 @@ import hashlib
 import ssl
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
@@ -164,11 +164,19 @@ class RedisStore:
         if len(replies) == 1 and type(replies[0]) is list:  # the common case: one script's answer
             future.set_result([_result(ops[0], replies[0])])
             return
-        if self.locator is not None and any(type(r) is hiredis.ReplyError and str(r).startswith("READONLY")
+        errors = False
+        for r in replies:
+            if type(r) is ReplyError:
+                errors = True
+                break
+        if not errors:  # the next most common: an API key's read and a limit's script, answered
+            future.set_result([_result(ops[i], r) for i, r in enumerate(replies)])
+            return
+        if self.locator is not None and any(type(r) is ReplyError and str(r).startswith("READONLY")
                                             for r in replies):
             self.client.rediscover("the server is a replica now")  # a demoted master: ask the sentinels again
         for r in replies:
-            if type(r) is hiredis.ReplyError and str(r).startswith("NOSCRIPT"):
+            if type(r) is ReplyError and str(r).startswith("NOSCRIPT"):
                 store_error("NOSCRIPT")
                 # Redis lost its script cache (restart, SCRIPT FLUSH). The script did not run, so sending it
                 # again as EVAL (which also caches it) cannot count twice. Same future: the caller still waits.
@@ -196,10 +204,11 @@ class RedisStore:
 
 
 _SIZE = {"fixed_window": 2, "sliding_window": 3, "gcra": 1}
+ReplyError: Final = hiredis.ReplyError  # (looked up once: it is tested on every reply)
 
 
 def _result(op: Op, reply: Any) -> Any:
-    if type(reply) is hiredis.ReplyError:
+    if type(reply) is ReplyError:
         # An error reply: the server answered, but not with a result. Returned in place, for this op only.
         store_error(str(reply))
         return StoreUnavailable("error", str(reply), transport=_server_wide(reply))
