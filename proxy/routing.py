@@ -253,14 +253,34 @@ def compile_match(path: str, prefix: bool, methods: Sequence[str] | None, host: 
     )
 
 
+def _first_segment(path: str) -> str:
+    """`/api/v1/x` → `api`; `/` → `` (paths are normalized: they start with one slash)."""
+    end = path.find("/", 1)
+    return path[1:] if end < 0 else path[1:end]
+
+
 class Router:
-    """First match wins; `allowed` lists the methods of routes whose host and path matched, for a 405."""
+    """First match wins; `allowed` lists the methods of routes whose host and path matched, for a 405.
+
+    A request is tried only against the routes that can match its path's first segment — those whose path starts
+    with it, and the `/` prefix routes that match every path — in config order, so the first match is the one a
+    walk through every route would find, and a config with many routes costs no more per request than one with a
+    few."""
 
     def __init__(self, entries: Sequence[tuple[RouteMatch, object]]) -> None:
         self._entries = list(entries)
+        anywhere = [(i, e) for i, e in enumerate(self._entries) if e[0].prefix and e[0].path == "/"]
+        by_segment: dict[str, list[tuple[int, tuple[RouteMatch, object]]]] = {}
+        for i, e in enumerate(self._entries):
+            if not (e[0].prefix and e[0].path == "/"):
+                by_segment.setdefault(_first_segment(e[0].path), []).append((i, e))
+        self._anywhere = [e for _, e in anywhere]
+        self._by_segment = {seg: [e for _, e in sorted(own + anywhere, key=lambda x: x[0])]
+                            for seg, own in by_segment.items()}
 
     def match(self, method: str, host: str | None, path: str) -> object | None:
-        for m, route in self._entries:
+        candidates = self._by_segment.get(_first_segment(path))
+        for m, route in self._anywhere if candidates is None else candidates:
             if m.matches(method, host, path):
                 return route
         return None

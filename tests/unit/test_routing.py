@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from proxy.routing import Authority, BadTarget, Router, authority_of, compile_match, host_of, parse_target
@@ -135,6 +137,26 @@ def test_first_match_wins_and_allowed_methods() -> None:
     assert router.allowed(None, "/a/c") == {"GET", "PUT"}
     assert router.match("GET", None, "/b") is None
     assert router.allowed(None, "/b") == set()
+
+
+def test_the_segment_index_finds_what_a_walk_through_every_route_finds() -> None:
+    # The router tries only the routes that can match a path's first segment (and the `/` prefix routes):
+    # against a plain first-match walk over random routes and paths, the same route every time.
+    rnd = random.Random(7)
+    parts = ["", "a", "ab", "b", "a/b", "a/b/c", "ab/c", "c"]
+
+    def path() -> str:
+        return "/" + rnd.choice(parts)
+
+    for _ in range(200):
+        entries = [(compile_match(path(), rnd.random() < 0.6, rnd.choice([None, ["GET"], ["POST"]]),
+                                  rnd.choice([None, None, "x.com"])), i) for i in range(rnd.randrange(1, 9))]
+        router = Router(entries)
+        for _ in range(30):
+            method, host, target = rnd.choice(["GET", "POST"]), rnd.choice([None, "x.com"]), path() + \
+                rnd.choice(["", "/", "/z", "z"])
+            walk = next((r for m, r in entries if m.matches(method, host, target)), None)
+            assert router.match(method, host, target) == walk, (entries, method, host, target)
 
 
 @pytest.mark.parametrize(
