@@ -59,6 +59,7 @@ def client_subject(address: str) -> str:
 
 
 UNLIMITED = -1  # a plan's quota that skips the limit (and its store call)
+_RECENT = 10_000  # subjects whose store operation a limit group keeps at most
 _new_tuple = tuple.__new__  # a NamedTuple made without its Python-level __new__: on every request
 
 
@@ -172,6 +173,9 @@ class LimitGroup:
         # the same operation for every request of a `route` key without plans: made once
         self._fixed = self._plan(self._fixed_key, None) if self._fixed_key is not None and not self.needs_auth \
             else None
+        # the operations of recent subjects (without a plan): a client's requests repeat it — operations are
+        # values the store only reads. Bounded: a flood of new subjects only keeps clearing it.
+        self._recent: dict[str, Planned] = {}
 
     # --- plan -------------------------------------------------------------------------------------------------
     def key(self, client: str, headers: object, principal: str | None) -> str:
@@ -197,7 +201,16 @@ class LimitGroup:
         for this plan — nothing to ask)."""
         if self._fixed is not None:
             return self._fixed
-        return self._plan(key, plan)
+        if plan is not None:
+            return self._plan(key, plan)
+        planned = self._recent.get(key)
+        if planned is None:
+            planned = self._plan(key, None)
+            if planned is not None:
+                if len(self._recent) >= _RECENT:
+                    self._recent.clear()
+                self._recent[key] = planned
+        return planned
 
     def _plan(self, key: str, plan: str | None) -> Planned | None:
         if self._single is not None:  # one limit: the common case, without the lists

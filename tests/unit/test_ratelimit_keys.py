@@ -85,3 +85,18 @@ def test_plan_names_from_credentials_cannot_grow_what_a_group_remembers() -> Non
         assert planned is not None
         assert [(op.key, op.limit) for op in planned.ops] == [(op.key.replace("@pro", ""), 10) for op in pro.ops]
     assert len(group._made) <= 2
+
+
+def test_a_subjects_operation_is_made_once_and_the_memory_of_them_is_bounded() -> None:
+    from proxy.checks import ratelimit
+
+    c = check("client_ip")
+    g = c.group
+    first = g.plan(g.key("192.0.2.1", CIMultiDict(), None), None)
+    again = g.plan(g.key("192.0.2.1", CIMultiDict(), None), None)
+    other = g.plan(g.key("192.0.2.2", CIMultiDict(), None), None)
+    assert first is again and other is not first  # the same client's requests reuse one (read-only) operation
+    assert first is not None and other is not None and first.op.key != other.op.key
+    for i in range(ratelimit._RECENT + 10):  # a flood of new clients
+        g.plan(g.key(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", CIMultiDict(), None), None)
+    assert len(g._recent) <= ratelimit._RECENT
