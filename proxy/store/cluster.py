@@ -10,7 +10,8 @@ Each node is a `RedisStore` of its own (its pipelined client, its script cache �
 behind a `Breaker` of its own: a dead master fails only the operations whose keys it holds, in their place in the
 answer (their checks then follow their fail mode), and its breaker opens without touching the others'. `MOVED`
 is followed once to the node it names (and the map refreshed); `ASK` once with `ASKING` on the same connection;
-`TRYAGAIN` (a slot being moved) is an error for that operation: its check is decided degraded, tagged.
+`TRYAGAIN` (a slot being moved, the operation's keys on both nodes) is an error for that operation — its check
+is decided degraded, tagged — except for a read, which is then made key by key.
 """
 
 from __future__ import annotations
@@ -223,11 +224,15 @@ class ClusterStore:
             raise
         failed = False
         follow: list[tuple[int, Op, str]] = []
+        split: list[tuple[int, GetOp]] = []
         for i, op, r in zip(idx, ops, got, strict=True):
             if type(r) is StoreUnavailable:
                 word = r.detail.split(" ", 1)[0]
                 if word in ("MOVED", "ASK") and not redirected:
                     follow.append((i, op, r.detail))
+                    continue
+                if word == "TRYAGAIN" and type(op) is GetOp and op.more and not redirected:
+                    split.append((i, op))
                     continue
                 if r.transport and word not in ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"):
                     failed = True  # LOADING, OOM, READONLY…: about the node
@@ -240,6 +245,19 @@ class ClusterStore:
             breaker.success()
         for i, op, detail in follow:
             await self._follow(i, op, detail, results)
+        for i, op in split:
+            await self._read_one_by_one(i, op, results)
+
+    async def _read_one_by_one(self, i: int, op: GetOp, results: list[Any]) -> None:
+        """A read of several keys whose slot is being moved while they are on both nodes (`TRYAGAIN`: an API key's
+        record and its bucket's marker): each key read where it is (following its own `ASK`). A read never counts
+        twice, so asking again is safe."""
+        keys = (op.key, *op.more)
+        parts: list[Any] = [None] * len(keys)
+        await self._call(self.slots[key_slot(op.key.encode())], [GetOp(k) for k in keys], list(range(len(keys))),
+                         parts)
+        failure = next((part for part in parts if type(part) is StoreUnavailable), None)
+        results[i] = failure if failure is not None else parts
 
     async def _follow(self, i: int, op: Op, detail: str, results: list[Any]) -> None:
         """`MOVED <slot> <host>:<port>` (the slot lives there now: refresh the map, send it there once) or
@@ -255,9 +273,15 @@ class ClusterStore:
             return
         node = self._node(address)
         try:
-            results[i] = (await node.store.execute_asking(op))[0]
+            answer = (await node.store.execute_asking(op))[0]
         except StoreUnavailable as exc:
             results[i] = StoreUnavailable(exc.reason, f"node {node.label}: {exc.detail}", transport=False)
+            return
+        if type(answer) is StoreUnavailable and answer.detail.startswith("TRYAGAIN") and type(op) is GetOp \
+                and op.more:
+            await self._read_one_by_one(i, op, results)
+            return
+        results[i] = answer
 
     def _report(self) -> None:
         if on_nodes is not None:

@@ -308,10 +308,11 @@ async def test_a_slot_being_migrated_is_followed_with_asking_and_a_split_key_set
         cluster: ClusterSet) -> None:
     """A slot put into migration by hand: a key not yet on the source node answers ASK, which the store follows
     once with ASKING on the node that imports it; an operation whose keys are split between the two (TRYAGAIN)
-    is that operation's error, and the source node's breaker stays closed."""
+    is that operation's error, and the source node's breaker stays closed — except a read of several keys (an API
+    key's record and its bucket's marker), which is then made key by key, each where it is."""
     from proxy.store.cluster import ClusterStore
     from proxy.store.errors import StoreUnavailable
-    from proxy.store.ops import LimitsOp, RateOp, RateResult
+    from proxy.store.ops import GetOp, LimitsOp, RateOp, RateResult
 
     store = ClusterStore(cluster.url, timeout=1.0, connect_timeout=1.0, pool_size=2)
     try:
@@ -321,6 +322,9 @@ async def test_a_slot_being_migrated_is_followed_with_asking_and_a_split_key_set
         source = cluster.master_of_slot(slot)
         target = next(n for n in cluster.nodes[:3] if n is not source)
         ids = {n: n.command("CLUSTER", "MYID").split(b"\r\n")[1].decode() for n in (source, target)}
+        stays, moves = "t:{moving}:s", "t:{moving}:m"  # two plain values, one of which is moved below
+        for key, value in ((stays, "0"), (moves, "1")):
+            assert source.command("SET", key, value).startswith(b"+OK")
         assert target.command("CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source]).startswith(b"+OK")
         assert source.command("CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target]).startswith(b"+OK")
 
@@ -333,6 +337,12 @@ async def test_a_slot_being_migrated_is_followed_with_asking_and_a_split_key_set
         shape = tuple((o.algorithm, o.limit, o.window, o.burst, o.shadow) for o in (moving, kept))
         [split] = await store.execute([LimitsOp((moving, kept), shape)])
         assert type(split) is StoreUnavailable and split.reason == "error" and "TRYAGAIN" in split.detail
+        assert source.command("MIGRATE", "127.0.0.1", str(target.port), moves, "0", "5000").startswith(b"+OK")
+        [read] = await store.execute([GetOp(stays, moves)])  # one on the source, one on the target
+        assert read == [b"0", b"1"]
+        # none on the source: ASK, and then the target has only one of them
+        [read] = await store.execute([GetOp("t:{moving}:none", moves)])
+        assert read == [None, b"1"]
         assert {n["breaker"] for n in store.describe()["nodes"]} == {"closed"}
     finally:
         await store.close()
