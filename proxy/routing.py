@@ -269,14 +269,16 @@ class Router:
 
     def __init__(self, entries: Sequence[tuple[RouteMatch, object]]) -> None:
         self._entries = list(entries)
-        anywhere = [(i, e) for i, e in enumerate(self._entries) if e[0].prefix and e[0].path == "/"]
-        by_segment: dict[str, list[tuple[int, tuple[RouteMatch, object]]]] = {}
-        for i, e in enumerate(self._entries):
-            if not (e[0].prefix and e[0].path == "/"):
-                by_segment.setdefault(_first_segment(e[0].path), []).append((i, e))
-        self._anywhere = [e for _, e in anywhere]
-        self._by_segment = {seg: [e for _, e in sorted(own + anywhere, key=lambda x: x[0])]
-                            for seg, own in by_segment.items()}
+        self._anywhere: list[tuple[RouteMatch, object]] = []  # the `/` prefix routes
+        self._by_segment: dict[str, list[tuple[RouteMatch, object]]] = {}
+        for entry in self._entries:  # in config order, so every list keeps it
+            m = entry[0]
+            if m.prefix and m.path == "/":
+                self._anywhere.append(entry)
+                for candidates in self._by_segment.values():
+                    candidates.append(entry)
+            else:  # a segment's list starts with the `/` routes listed before its first route
+                self._by_segment.setdefault(_first_segment(m.path), list(self._anywhere)).append(entry)
 
     def match(self, method: str, host: str | None, path: str) -> object | None:
         candidates = self._by_segment.get(_first_segment(path))

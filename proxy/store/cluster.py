@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -56,6 +56,12 @@ def parse(url: str) -> tuple[list[tuple[str, int]], str | None, str | None, bool
     if parts.path.strip("/") or parts.query:
         raise ValueError("a cluster has one database and no options: expected nothing after the hosts but '/'")
     return seeds, username, password, parts.scheme == "rediss+cluster"
+
+
+def _split_read(op: Op, answer: object) -> TypeGuard[GetOp]:
+    """A read of several keys answered `TRYAGAIN`: its slot is being moved, with its keys on both nodes."""
+    return type(answer) is StoreUnavailable and answer.detail.startswith("TRYAGAIN") and type(op) is GetOp \
+        and bool(op.more)
 
 
 def key_of(op: Op) -> str:
@@ -231,7 +237,7 @@ class ClusterStore:
                 if word in ("MOVED", "ASK") and not redirected:
                     follow.append((i, op, r.detail))
                     continue
-                if word == "TRYAGAIN" and type(op) is GetOp and op.more and not redirected:
+                if _split_read(op, r) and not redirected:
                     split.append((i, op))
                     continue
                 if r.transport and word not in ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"):
@@ -277,8 +283,7 @@ class ClusterStore:
         except StoreUnavailable as exc:
             results[i] = StoreUnavailable(exc.reason, f"node {node.label}: {exc.detail}", transport=False)
             return
-        if type(answer) is StoreUnavailable and answer.detail.startswith("TRYAGAIN") and type(op) is GetOp \
-                and op.more:
+        if _split_read(op, answer):
             await self._read_one_by_one(i, op, results)
             return
         results[i] = answer

@@ -164,12 +164,7 @@ class RedisStore:
         if len(replies) == 1 and type(replies[0]) is list:  # the common case: one script's answer
             future.set_result([_result(ops[0], replies[0])])
             return
-        errors = False
-        for r in replies:
-            if type(r) is ReplyError:
-                errors = True
-                break
-        if not errors:  # the next most common: an API key's read and a limit's script, answered
+        if not any(type(r) is ReplyError for r in replies):  # next: an API key's read and a limit's script
             future.set_result([_result(ops[i], r) for i, r in enumerate(replies)])
             return
         if self.locator is not None and any(type(r) is ReplyError and str(r).startswith("READONLY")
