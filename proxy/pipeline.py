@@ -32,14 +32,14 @@ async def run_checks(rt: Runtime, route: Route, headers: Any, client: str,
 
     # --- plan ---
     ops: list[Any] = []
-    auth_verdict = digest = authz = None
+    auth_verdict = lookup = authz = None
     if auth is not None and auth.remote:  # an authorizer of its own: its call starts now, the store's in parallel
         method, uri, host, rid = request
         auth_verdict, authz = auth.begin(headers, method, uri, host, client, rid, now)  # type: ignore[union-attr]
     elif auth is not None:
-        auth_verdict, digest = auth.plan(headers, rt.keys, now)  # type: ignore[union-attr]
-        if digest is not None:
-            ops += auth.ops(digest)  # type: ignore[union-attr]  # (only api_key plans a store call)
+        auth_verdict, lookup = auth.plan(headers, rt.keys, now)  # type: ignore[union-attr]
+        if lookup is not None:  # (only api_key plans a store call)
+            ops.append(lookup.op)
     known = auth is None or auth_verdict is not None  # auth's answer (or that there is none) is already known
     identity = auth_verdict.identity if auth_verdict is not None else None
     first: list[tuple[LimitGroup, Planned | None, int]] = []
@@ -64,8 +64,8 @@ async def run_checks(rt: Runtime, route: Route, headers: Any, client: str,
         auth_verdict = await authz
     if auth is not None:
         if auth_verdict is None:
-            assert digest is not None
-            auth_verdict = auth.decide(digest, failure or results, rt.keys, now)  # type: ignore[arg-type,union-attr]
+            assert lookup is not None
+            auth_verdict = auth.decide(lookup, failure or results, rt.keys, now)  # type: ignore[arg-type,union-attr]
         decision.add(route.metrics, auth_verdict)
     for group, planned, at in first:
         if planned is not None:

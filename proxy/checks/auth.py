@@ -56,6 +56,23 @@ def parse_record(raw: bytes) -> Record:
         raise StoreUnavailable("error", f"malformed API-key record: {exc}", transport=False) from None
 
 
+_RECENT = 4096  # credentials whose lookup one route keeps at most
+
+
+class Lookup:
+    """What a credential's check asks the store, made once per credential and kept (`AuthCheck._recent`): its
+    hash, the read of its record and the epoch marker, and the last record read for it, decoded (the store's
+    answer is usually the same bytes as last time). A plain class, shared by the requests of one credential."""
+
+    __slots__ = ("digest", "op", "raw", "record")
+
+    def __init__(self, digest: str, op: GetOp) -> None:
+        self.digest = digest
+        self.op = op
+        self.raw: bytes | None = None
+        self.record: Record | None = None
+
+
 class AuthCheck(CheckKind):
     """The api_key check kind: its config compiled, its plan (a verdict reached without the store, or the
     credential's hash to look up), its decide (the store's answer, or its failure through the fail-mode table)
@@ -76,33 +93,47 @@ class AuthCheck(CheckKind):
         self.challenge = [("WWW-Authenticate", f'{cfg.scheme} realm="failgate"')] if cfg.scheme else []
         self._missing = "missing credentials" if cfg.scheme is None else \
             f"missing credentials ({cfg.scheme} <key> in {cfg.header})"
+        # header value -> its Lookup: clients repeat their credentials. Bounded: a flood of new ones (valid or
+        # not) only keeps clearing it, as the digests' memo (keyspace.py) does.
+        self._recent: dict[str, Lookup] = {}
 
     def credential(self, headers: object) -> str | None:
         return parse_credential(headers.get(self.header), self.scheme)  # type: ignore[attr-defined]
 
     # --- plan -------------------------------------------------------------------------------------------------
-    def plan(self, headers: object, memory: KeyMemory, now: float) -> tuple[Verdict | None, str | None]:
+    def plan(self, headers: object, memory: KeyMemory, now: float) -> tuple[Verdict | None, Lookup | None]:
         """(the verdict, when it needs no store: no credential, a pinned revocation, a `cache_for` answer) or
-        (None, the credential's hash, whose record and the epoch marker go in the round trip: `ops`)."""
-        credential = self.credential(headers)
-        if credential is None:
-            return self.unauthorized(self._missing), None
-        digest = digest_of(credential)
+        (None, the credential's Lookup, whose `op` goes in the round trip)."""
+        value = headers.get(self.header)  # type: ignore[attr-defined]
+        lookup = self._recent.get(value) if value is not None else None
+        if lookup is None:
+            credential = parse_credential(value, self.scheme)
+            if credential is None:
+                return self.unauthorized(self._missing), None
+            lookup = self.lookup(digest_of(credential))
+            if len(self._recent) >= _RECENT:
+                self._recent.clear()
+            self._recent[value] = lookup
+        digest = lookup.digest
         if memory.pinned(digest) or self.cfg.cache_for > 0:
             cached = memory.get(digest)
             if cached is not None and (cached[0] == REVOKED or now - cached[1] < self.cfg.cache_for):
                 return self.judge(cached[0], now), None
-        return None, digest
+        return None, lookup
 
-    def ops(self, digest: str) -> list[GetOp]:
-        """The record and the epoch marker, in one read (on a Cluster both are in the record's bucket's slot)."""
+    def lookup(self, digest: str) -> Lookup:
+        """The read of a credential's record and the epoch marker, in one command (on a Cluster both are in the
+        record's bucket's slot)."""
         if self.bucketed:
-            return [GetOp(record_key(self.key_prefix, digest, True), self._bucket_epochs[digest[:2]])]
-        return [GetOp(record_key(self.key_prefix, digest), self._epoch)]
+            return Lookup(digest, GetOp(record_key(self.key_prefix, digest, True), self._bucket_epochs[digest[:2]]))
+        return Lookup(digest, GetOp(record_key(self.key_prefix, digest), self._epoch))
 
     # --- decide -----------------------------------------------------------------------------------------------
-    def decide(self, digest: str, answer: list[object] | StoreUnavailable, memory: KeyMemory, now: float) -> Verdict:
-        """The store's answer to `ops(digest)` (or its failure, decided by the fail-mode table) as a Verdict."""
+    def decide(self, lookup: Lookup, answer: list[object] | StoreUnavailable, memory: KeyMemory,
+               now: float) -> Verdict:
+        """The store's answer to the lookup's read (or its failure, decided by the fail-mode table) as a
+        Verdict."""
+        digest = lookup.digest
         if type(answer) is not StoreUnavailable:
             assert isinstance(answer, list)
             read = answer[0]  # [record, marker], or this read's own error reply
@@ -110,7 +141,7 @@ class AuthCheck(CheckKind):
                 if type(read) is StoreUnavailable:
                     raise read
                 assert isinstance(read, list)
-                return self.from_store(digest, read[0], read[1], memory, now)
+                return self.from_store(lookup, read[0], read[1], memory, now)
             except StoreUnavailable as exc:
                 answer = exc
         assert isinstance(answer, StoreUnavailable)
@@ -127,7 +158,7 @@ class AuthCheck(CheckKind):
         return degraded("auth", self.mode, answer, status=self.cfg.status_on_error, retry_after=self.retry_after,
                         remembered=remembered)
 
-    def from_store(self, digest: str, record_raw: object, epoch_raw: object, memory: KeyMemory,
+    def from_store(self, lookup: Lookup, record_raw: object, epoch_raw: object, memory: KeyMemory,
                    now: float) -> Verdict:
         """Raises StoreUnavailable("error") for a lost store or a malformed record."""
         if epoch_raw is None:
@@ -135,11 +166,16 @@ class AuthCheck(CheckKind):
             raise StoreUnavailable("error", "the store's epoch marker is missing: it lost its data (restart "
                                    "without persistence, flush or eviction)")
         if record_raw is None:
-            memory.missing(digest, now)
+            memory.missing(lookup.digest, now)
             return self.unauthorized("unknown API key")
         assert isinstance(record_raw, bytes)
-        record = parse_record(record_raw)
-        memory.confirmed(digest, record, now)
+        if record_raw == lookup.raw:  # the same bytes as last time: the same record
+            record = lookup.record
+            assert record is not None
+        else:
+            record = parse_record(record_raw)
+            lookup.raw, lookup.record = record_raw, record
+        memory.confirmed(lookup.digest, record, now)
         return self.judge(record, now)
 
     # --- verdicts ---------------------------------------------------------------------------------------------

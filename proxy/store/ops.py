@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 # RateOp and RateResult are made for every rate-limited request: dataclasses for their repr and ==, with their own
@@ -22,6 +22,9 @@ class RateOp:
     burst: int
     now: int | None  # µs; None = the store's own clock (tests pin it)
     shadow: bool  # counted and reported, never denies (and never stops the others of a LimitsOp counting)
+    # The Redis command for this operation, packed by the first store that sent it: a client's operation is kept
+    # and reused (ratelimit.py), and its bytes never change. Not part of the value.
+    wire: bytes | None = field(default=None, repr=False, compare=False)
 
     def __init__(self, algorithm: str, key: str, limit: int, window: int, burst: int, now: int | None = None,
                  shadow: bool = False) -> None:
@@ -32,6 +35,7 @@ class RateOp:
         self.burst = burst
         self.now = now
         self.shadow = shadow
+        self.wire = None
 
 
 class LimitsOp(NamedTuple):
@@ -48,11 +52,12 @@ class GetOp:
     layout, keyspace.py), and `key`, the first, is where it goes. (A plain class: a frozen dataclass's generated
     __init__ is interpreted Python even in a compiled build, and an API-key check makes one per request.)"""
 
-    __slots__ = ("key", "more")
+    __slots__ = ("key", "more", "wire")
 
     def __init__(self, key: str, *more: str) -> None:
         self.key = key
         self.more = more  # the other keys: () for one value
+        self.wire: bytes | None = None  # as RateOp's: an API key's read is kept per credential (auth.py)
 
     def __repr__(self) -> str:
         return f"GetOp({', '.join(repr(k) for k in (self.key, *self.more))})"

@@ -72,6 +72,14 @@ def _limit_parts(limits: tuple[RateOp, ...], *, by_source: bool = False) -> tupl
     return head, tail
 
 
+def _pack_get(op: GetOp) -> bytes:
+    key = op.key.encode()
+    if not op.more:
+        return b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(key), key)
+    keys = [key, *[k.encode() for k in op.more]]
+    return b"*%d\r\n$4\r\nMGET\r\n%b" % (len(keys) + 1, b"".join([_bulk(k) for k in keys]))
+
+
 def _pack_limits(limits: tuple[RateOp, ...], parts: tuple[bytes, bytes]) -> bytes:
     head, tail = parts
     out = [head]
@@ -108,21 +116,20 @@ class RedisStore:
 
     def _pack(self, op: Op) -> bytes:
         if type(op) is GetOp:
-            key = op.key.encode()
-            if not op.more:
-                return b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(key), key)
-            if len(op.more) == 1:  # a record and its marker: on every API-key check
-                other = op.more[0].encode()
-                return b"*3\r\n$4\r\nMGET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(key), key, len(other), other)
-            keys = [key, *[k.encode() for k in op.more]]
-            return b"*%d\r\n$4\r\nMGET\r\n%b" % (len(keys) + 1, b"".join([_bulk(k) for k in keys]))
+            wire = op.wire
+            if wire is None:
+                wire = op.wire = _pack_get(op)
+            return wire
         if type(op) is RateOp and op.now is None:  # (tests pin the clock: not worth caching)
-            shape: Any = (op.algorithm, op.limit, op.window, op.burst, op.shadow)
-            parts = self._parts.get(shape)
-            if parts is None:
-                parts = self._shape(shape, (op,))
-            key = op.key.encode()
-            return b"%b$%d\r\n%b\r\n%b" % (parts[0], len(key), key, parts[1])
+            wire = op.wire
+            if wire is None:
+                shape: Any = (op.algorithm, op.limit, op.window, op.burst, op.shadow)
+                parts = self._parts.get(shape)
+                if parts is None:
+                    parts = self._shape(shape, (op,))
+                key = op.key.encode()
+                wire = op.wire = b"%b$%d\r\n%b\r\n%b" % (parts[0], len(key), key, parts[1])
+            return wire
         limits = _limits_of(op)
         if limits[0].now is not None:
             return _pack_limits(limits, _limit_parts(limits))

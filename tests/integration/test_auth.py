@@ -85,6 +85,32 @@ async def test_expired_key_is_401(upstream: Upstream, redis_server: RedisServer)
         assert (r.status, r.json()["detail"]) == (401, "the API key has expired")
 
 
+async def test_each_request_judges_the_record_the_store_has_now(upstream: Upstream,
+                                                                 redis_server: RedisServer) -> None:
+    """A credential's read and its last decoded record are kept between requests: a record changed in the store
+    (a new principal, a scope removed, the value broken) must be what the next request is judged by."""
+    key = "record-that-changes"
+    name = f"failgate:apikey:{hashlib.sha256(key.encode()).hexdigest()}"
+    redis_server.command("SET", "failgate:epoch", "1")
+    redis_server.command("SET", name, json.dumps({"principal": "first", "scopes": ["payments:write"]}))
+    async with InProcessProxy(config_text(upstream.url, ROUTES, extra=store(redis_server.url))) as p:
+        for spelling in (f"Bearer {key}", f"bearer  {key}", f"Bearer {key}"):
+            assert (await raw_request(p.port, "/pay", headers={"Authorization": spelling})).status == 200
+            assert seen_header(upstream, "X-Failgate-Principal") == ["first"]
+        redis_server.command("SET", name, json.dumps({"principal": "second", "scopes": ["payments:write"]}))
+        assert (await raw_request(p.port, "/pay", headers={"Authorization": f"Bearer {key}"})).status == 200
+        assert seen_header(upstream, "X-Failgate-Principal") == ["second"]
+        redis_server.command("SET", name, json.dumps({"principal": "second", "scopes": []}))
+        r = await raw_request(p.port, "/pay", headers={"Authorization": f"Bearer {key}"})
+        assert (r.status, r.json()["detail"]) == (403, "missing scope: payments:write")
+        redis_server.command("SET", name, "{broken")
+        r = await raw_request(p.port, "/pay", headers={"Authorization": f"Bearer {key}"})
+        assert (r.status, r.headers["failgate-degraded"]) == (503, "auth;mode=closed;reason=error")
+        redis_server.command("DEL", name)
+        r = await raw_request(p.port, "/pay", headers={"Authorization": f"Bearer {key}"})
+        assert (r.status, r.json()["detail"]) == (401, "unknown API key")
+
+
 async def test_a_revocation_overrides_cache_for(upstream: Upstream, redis_server: RedisServer) -> None:
     key = new_key(redis_server.url, "carol", [])
     routes = auth_route("api", "{type: api_key, cache_for: 1h, on_store_error: closed}")
