@@ -11,7 +11,7 @@ import itertools
 import math
 import os
 import re
-import time
+from time import perf_counter, time
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -29,8 +29,10 @@ from .responses import error_response
 from .routing import Authority, BadTarget, Target, authority_of, parse_target
 from .websocket import Tunnels, is_websocket, take_query_param, tunnel
 
-# the identity headers sent upstream, as multidict's case-insensitive strings (set without lower-casing them)
+# the identity headers sent upstream and the rate-limit fields sent back, as multidict's case-insensitive strings
+# (set without lower-casing them)
 _PRINCIPAL, _SCOPES, _PLAN = istr("X-Failgate-Principal"), istr("X-Failgate-Scopes"), istr("X-Failgate-Plan")
+_RATELIMIT_POLICY, _RATELIMIT = istr("RateLimit-Policy"), istr("RateLimit")
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
 _NO_ROUTE = RouteMetrics("")
 _SERVED_VERSIONS = (HttpVersion10, HttpVersion11)
@@ -55,8 +57,8 @@ def _rate_limit_fields(verdicts: list[Verdict], reply: list[tuple[str, str]]) ->
         q = v.quota
         assert q is not None
         retry = 0 if v.allow else max(1, math.ceil(q.retry_after))
-        reply.append(("RateLimit-Policy", q.item))
-        reply.append(("RateLimit", f'"{q.policy}";r={q.r};t={max(math.ceil(q.reset_after), retry)}'))
+        reply.append((_RATELIMIT_POLICY, q.item))
+        reply.append((_RATELIMIT, f'"{q.policy}";r={q.r};t={max(math.ceil(q.reset_after), retry)}'))
         return retry
     retry = 0
     for v in quotas:
@@ -70,8 +72,8 @@ def _rate_limit_fields(verdicts: list[Verdict], reply: list[tuple[str, str]]) ->
             t = retry
         policies.append(q.item)  # type: ignore[union-attr]
         remaining.append(f'"{q.policy}";r={q.r};t={t}')  # type: ignore[union-attr]
-    reply.append(("RateLimit-Policy", ", ".join(policies)))
-    reply.append(("RateLimit", ", ".join(remaining)))
+    reply.append((_RATELIMIT_POLICY, ", ".join(policies)))
+    reply.append((_RATELIMIT, ", ".join(remaining)))
     return retry
 
 
@@ -132,7 +134,7 @@ class Proxy:
         rid = request.headers.get(rid_header)
         if rid is None or not _REQUEST_ID_OK.match(rid):
             rid = _next_request_id()
-        facts = Facts(rid, time.perf_counter())
+        facts = Facts(rid, perf_counter())
         rt.active += 1
         try:
             routed = self._route(request, rt, facts)
@@ -154,10 +156,10 @@ class Proxy:
                     if route.auth is not None and route.auth.remote:
                         uri = f"{target.path}?{target.query}" if target.query else target.path
                         facts_for_authorizer = (request.method, uri, authority.value if authority else None, rid)
-                    began = time.perf_counter()
+                    began = perf_counter()
                     decision = facts.decision = await run_checks(rt, route, check_headers, facts.client,
                                                                  facts_for_authorizer)
-                    facts.checks = time.perf_counter() - began
+                    facts.checks = perf_counter() - began
                     identity = decision.identity
                     tag, denied = self._decided(decision, reply, rt, route, rid)
                 if denied is not None:
@@ -240,7 +242,7 @@ class Proxy:
         route = facts.route
         metrics = route.metrics if route is not None else _NO_ROUTE
         metrics.count(status)
-        took = time.perf_counter() - facts.started
+        took = perf_counter() - facts.started
         metrics.duration.observe(took)
         decision = facts.decision
         if decision is not None and route is not None:
@@ -254,7 +256,7 @@ class Proxy:
             trace = facts.trace
             length = request.content_length
             self.access_log.put({
-                "ts": round(time.time(), 3), "request_id": facts.rid, "route": route.name if route else None,
+                "ts": round(time(), 3), "request_id": facts.rid, "route": route.name if route else None,
                 "method": request.method, "path": request.raw_path.split("?", 1)[0], "status": status,
                 "bytes_in": trace.bytes_in if trace is not None and trace.bytes_in else (length or 0),
                 "bytes_out": response_bytes,

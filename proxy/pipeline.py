@@ -13,7 +13,7 @@ slows down credential guessing).
 
 from __future__ import annotations
 
-import time
+from time import time
 from typing import TYPE_CHECKING, Any
 
 from .decision import Decision
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 async def run_checks(rt: Runtime, route: Route, headers: Any, client: str,
                      request: tuple[str, str, str | None, str] = ("GET", "/", None, "")) -> Decision:
     """`request`: (method, normalized path and query, host, request id) — what an authorizer is told."""
-    now = time.time()
+    now = time()
     auth = route.auth
     decision = Decision()
 
@@ -89,6 +89,6 @@ async def run_checks(rt: Runtime, route: Route, headers: Any, client: str,
 
 
 def _plan(group: LimitGroup, headers: Any, client: str, identity: Any) -> Planned | None:
-    principal = identity.principal if identity is not None else None
-    plan = identity.plan if identity is not None else None
-    return group.plan(group.key(client, headers, principal), plan)
+    if identity is None:
+        return group.plan_request(client, headers, None, None)
+    return group.plan_request(client, headers, identity.principal, identity.plan)

@@ -174,8 +174,10 @@ class LimitGroup:
         self._fixed = self._plan(self._fixed_key, None) if self._fixed_key is not None and not self.needs_auth \
             else None
         # the operations of recent subjects (without a plan): a client's requests repeat it — operations are
-        # values the store only reads. Bounded: a flood of new subjects only keeps clearing it.
+        # values the store only reads. Bounded: a flood of new subjects only keeps clearing it. Found by the
+        # subject's key, or for a `client_ip` key by the address itself (its key is made only the first time).
         self._recent: dict[str, Planned] = {}
+        self._by_address = self.key_kind == "client_ip"
 
     # --- plan -------------------------------------------------------------------------------------------------
     def key(self, client: str, headers: object, principal: str | None) -> str:
@@ -196,6 +198,22 @@ class LimitGroup:
             subject = "p:" + subject_hash(principal) if principal else client_key(client)
         return self._key_head + subject + "}"
 
+    def plan_request(self, client: str, headers: object, principal: str | None, plan: str | None) -> Planned | None:
+        """`plan(key(…), plan)` for one request, through the memory of recent subjects."""
+        if self._by_address and plan is None:
+            planned = self._recent.get(client)
+            if planned is None:
+                planned = self._plan(self.key(client, headers, principal), None)
+                self._remember(client, planned)
+            return planned
+        return self.plan(self.key(client, headers, principal), plan)
+
+    def _remember(self, name: str, planned: Planned | None) -> None:
+        if planned is not None:
+            if len(self._recent) >= _RECENT:
+                self._recent.clear()
+            self._recent[name] = planned
+
     def plan(self, key: str, plan: str | None) -> Planned | None:
         """The store operation for this subject, and which limit each part is (None: every limit is unlimited
         for this plan — nothing to ask)."""
@@ -206,10 +224,7 @@ class LimitGroup:
         planned = self._recent.get(key)
         if planned is None:
             planned = self._plan(key, None)
-            if planned is not None:
-                if len(self._recent) >= _RECENT:
-                    self._recent.clear()
-                self._recent[key] = planned
+            self._remember(key, planned)
         return planned
 
     def _plan(self, key: str, plan: str | None) -> Planned | None:

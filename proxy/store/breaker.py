@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import Any
 
 from ..observe.metrics import StoreMetrics
@@ -110,15 +111,15 @@ class BreakerStore:
     async def round_trip(self, ops: Sequence[Op]) -> tuple[list[Any] | None, StoreUnavailable | None]:
         """(the results, None) or (None, why the store could not answer). Never raises StoreUnavailable."""
         breaker = self.breaker
-        started = time.perf_counter()
+        started = perf_counter()
         if not breaker.allow():
-            self.metrics.observe("breaker_open", time.perf_counter() - started)
+            self.metrics.observe("breaker_open", perf_counter() - started)
             return None, StoreUnavailable("breaker_open", "the store breaker is open")
         try:
             results = await self.inner.execute(ops)
         except StoreUnavailable as exc:
             breaker.failed_call(exc)
-            self.metrics.observe(exc.reason, time.perf_counter() - started)
+            self.metrics.observe(exc.reason, perf_counter() - started)
             return None, exc
         except BaseException:
             breaker.abandon()  # the caller went away: a probe must not stay out forever
@@ -131,7 +132,7 @@ class BreakerStore:
             if breaker.consecutive or breaker.state != CLOSED:
                 breaker.success()
         if not self._node_counted:
-            self.metrics.observe("ok", time.perf_counter() - started)
+            self.metrics.observe("ok", perf_counter() - started)
         return results, None
 
     async def execute(self, ops: Sequence[Op]) -> list[Any]:

@@ -100,3 +100,11 @@ def test_a_subjects_operation_is_made_once_and_the_memory_of_them_is_bounded() -
     for i in range(ratelimit._RECENT + 10):  # a flood of new clients
         g.plan(g.key(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", CIMultiDict(), None), None)
     assert len(g._recent) <= ratelimit._RECENT
+    # a request's plan, found by the client's address: the same operation as by its key
+    by_request = g.plan_request("192.0.2.9", CIMultiDict(), None, None)
+    assert by_request is not None and by_request is g.plan_request("192.0.2.9", CIMultiDict(), None, None)
+    assert by_request.op == g.plan(g.key("192.0.2.9", CIMultiDict(), None), None).op  # type: ignore[union-attr]
+    assert g.plan_request("192.0.2.10", CIMultiDict(), None, None).op.key != by_request.op.key  # type: ignore[union-attr]
+    for i in range(ratelimit._RECENT + 10):
+        g.plan_request(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", CIMultiDict(), None, None)
+    assert len(g._recent) <= ratelimit._RECENT
