@@ -471,40 +471,55 @@ _PEERS = (("nginx proxy_pass", "nginx proxy_pass", "nginx"),
 
 def peer_table(rows: list[Row]) -> list[str]:
     """Each peer's CPU per request next to Failgate's, and the goals as ratios (markdown lines; [] when the run
-    had no passthrough row)."""
+    had no passthrough row). With --rounds, each row shows the median of its rounds, and each comparison is paired:
+    the median of the per-round differences (or ratios) of two rows measured in the same round, so a machine whose
+    speed drifts between rounds moves both sides of a comparison together."""
+    per_round: dict[str, list[float]] = {}
     cpu: dict[str, tuple[float, float | None]] = {}
     rounds = 1
-    for label, scenario, server in _PEERS:  # with --rounds, the median of each row's rounds
+    for label, scenario, server in _PEERS:
         measured = [r for r in rows if r.scenario == scenario and r.concurrency == 64 and server in r.cpu_us]
         if measured:
             rounds = max(rounds, len(measured))
+            per_round[label] = [r.cpu_us[server] for r in measured]  # in the order measured: one per round
             in_redis = [r.cpu_us["redis"] for r in measured if "redis" in r.cpu_us]
-            cpu[label] = (statistics.median(r.cpu_us[server] for r in measured),
-                          statistics.median(in_redis) if in_redis else None)
+            cpu[label] = (statistics.median(per_round[label]), statistics.median(in_redis) if in_redis else None)
     if "Failgate passthrough" not in cpu:
         return []
-    passthrough = cpu["Failgate passthrough"][0]
-    reference = cpu.get("reference aiohttp proxy", (0.0, None))[0]
-    limiter = cpu.get("nginx + Lua + Redis limiter", (0.0, None))[0]
 
-    def note(label: str, own: float) -> str:
-        if label == "Failgate passthrough" and reference:
-            return f"{own / reference:.2f}x the reference proxy (goal: at most 1x)"
-        if label == "Failgate rate limit (sliding window)":
-            text = f"+{own - passthrough:.1f} over passthrough (goal: +10)"
-            return text + (f"; {own / limiter:.1f}x the nginx limiter (anchor: 3x)" if limiter else "")
-        if label == "Failgate auth + rate limit":
-            return f"+{own - passthrough:.1f} over passthrough (goal: +15)"
-        if label == "Failgate auth":
-            return f"+{own - passthrough:.1f} over passthrough"
+    def paired(label: str, base: str, ratio: bool = False) -> tuple[float, str] | None:
+        """The median of `label`'s per-round difference from `base` (or ratio to it), and the rounds' figures."""
+        if base not in per_round:
+            return None
+        pairs = list(zip(per_round[label], per_round[base], strict=False))
+        each = [own / other if ratio else own - other for own, other in pairs if other]
+        if not each:
+            return None
+        shown = " ".join(f"{v:.2f}x" if ratio else f"{v:+.1f}" for v in each)
+        return statistics.median(each), f" [{shown}]" if len(each) > 1 else ""
+
+    def note(label: str) -> str:
+        if label == "Failgate passthrough" and (vs := paired(label, "reference aiohttp proxy", ratio=True)):
+            return f"{vs[0]:.2f}x the reference proxy{vs[1]} (goal: at most 1x)"
+        over = paired(label, "Failgate passthrough")
+        if label == "Failgate rate limit (sliding window)" and over:
+            text = f"{over[0]:+.1f} over passthrough{over[1]} (goal: +10)"
+            limiter = paired(label, "nginx + Lua + Redis limiter", ratio=True)
+            return text + (f"; {limiter[0]:.1f}x the nginx limiter{limiter[1]} (anchor: 3x)" if limiter else "")
+        if label == "Failgate auth + rate limit" and over:
+            return f"{over[0]:+.1f} over passthrough{over[1]} (goal: +15)"
+        if label == "Failgate auth" and over:
+            return f"{over[0]:+.1f} over passthrough{over[1]}"
         return ""
 
     lines = ["| | CPU µs/req | |", "|---|---|---|"]
     for label, (own, redis) in cpu.items():
-        lines.append(f"| {label} | {own:.1f}{f' (+{redis:.1f})' if redis is not None else ''} | {note(label, own)} |")
+        lines.append(f"| {label} | {own:.1f}{f' (+{redis:.1f})' if redis is not None else ''} | {note(label)} |")
     if rounds > 1:
         lines += ["", f"Each figure is the median of {rounds} rounds, measured in turn (every row of a round before "
-                  "the next round; every other round in reverse order)."]
+                  "the next round; every other round in reverse order). Each comparison is the median of its rounds' "
+                  "differences (or ratios), shown in brackets: two rows of one round, measured minutes apart at "
+                  "most, against each other."]
     return lines
 
 

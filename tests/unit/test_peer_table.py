@@ -31,12 +31,24 @@ def test_no_table_without_a_passthrough_row() -> None:
     assert peer_table([_row("reference proxy (aiohttp)", {"reference": 100.0})]) == []
 
 
-def test_with_rounds_each_figure_is_the_median_of_its_rows() -> None:
+def test_with_rounds_each_figure_is_the_median_of_its_rows_and_each_comparison_is_paired_by_round() -> None:
     rows = [_row("reference proxy (aiohttp)", {"reference": r}) for r in (100.0, 140.0, 120.0)]
     rows += [_row("failgate passthrough", {"failgate": f}) for f in (90.0, 60.0, 300.0)]
     rows += [_row("failgate rate_limit sliding", {"failgate": f, "redis": r})
              for f, r in ((100.0, 9.0), (200.0, 7.0), (80.0, 8.0))]
     table = peer_table(rows)
-    assert "| Failgate passthrough | 90.0 | 0.75x the reference proxy (goal: at most 1x) |" in table
-    assert "| Failgate rate limit (sliding window) | 100.0 (+8.0) | +10.0 over passthrough (goal: +10) |" in table
+    # rows: medians (passthrough 90, reference 120); ratios per round 0.90 0.43 2.50: their median
+    assert "| Failgate passthrough | 90.0 | 0.90x the reference proxy [0.90x 0.43x 2.50x] (goal: at most 1x) |" in table
+    assert ("| Failgate rate limit (sliding window) | 100.0 (+8.0) | +10.0 over passthrough [+10.0 +140.0 -220.0] "
+            "(goal: +10) |") in table
     assert table[-1].startswith("Each figure is the median of 3 rounds")
+
+
+def test_a_machine_that_drifts_between_rounds_moves_both_sides_of_a_comparison() -> None:
+    # the machine is slower in the second round: every row of it reads higher. The difference of the rows'
+    # medians (101 - 100 = 1) would hide what each round says (10, 8, 1): the limit costs 8 more.
+    rows = [_row("failgate passthrough", {"failgate": f}) for f in (80.0, 150.0, 100.0)]
+    rows += [_row("failgate rate_limit sliding", {"failgate": f}) for f in (90.0, 158.0, 101.0)]
+    table = peer_table(rows)
+    assert "| Failgate rate limit (sliding window) | 101.0 | +8.0 over passthrough [+10.0 +8.0 +1.0] (goal: +10) |" \
+        in table
