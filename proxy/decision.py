@@ -1,4 +1,7 @@
-"""The values that flow from the checks to the response: each check's Verdict, and a request's Decision."""
+"""The values that flow from the checks to the response: each check's Verdict, and a request's Decision.
+
+A Verdict (and its Identity and Quota) is never changed once made: a check may hand the same one to many requests
+(an API key's unchanged record, auth.py)."""
 
 from __future__ import annotations
 

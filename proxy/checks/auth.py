@@ -61,16 +61,18 @@ _RECENT = 4096  # credentials whose lookup one route keeps at most
 
 class Lookup:
     """What a credential's check asks the store, made once per credential and kept (`AuthCheck._recent`): its
-    hash, the read of its record and the epoch marker, and the last record read for it, decoded (the store's
-    answer is usually the same bytes as last time). A plain class, shared by the requests of one credential."""
+    hash, the read of its record and the epoch marker, and the last record read for it, decoded, with the route's
+    verdict on it (the store's answer is usually the same bytes as last time). A plain class, shared by the
+    requests of one credential."""
 
-    __slots__ = ("digest", "op", "raw", "record")
+    __slots__ = ("digest", "op", "raw", "record", "verdict")
 
     def __init__(self, digest: str, op: GetOp) -> None:
         self.digest = digest
         self.op = op
         self.raw: bytes | None = None
         self.record: Record | None = None
+        self.verdict: Verdict | None = None  # the record's verdict, when it cannot change with time (no expiry)
 
 
 class AuthCheck(CheckKind):
@@ -86,6 +88,7 @@ class AuthCheck(CheckKind):
         self.header = istr(cfg.header)
         self.scheme = cfg.scheme.lower() if cfg.scheme else None
         self.scopes = frozenset(cfg.scopes)
+        self.cache_for = float(cfg.cache_for)  # (a plain float: read on every request)
         self.key_prefix = key_prefix
         self.bucketed = bucketed  # a Redis Cluster: records and markers per bucket (keyspace.py)
         self._epoch = epoch_key(key_prefix)
@@ -115,9 +118,9 @@ class AuthCheck(CheckKind):
                 self._recent.clear()
             self._recent[value] = lookup
         digest = lookup.digest
-        if memory.pinned(digest) or self.cfg.cache_for > 0:
+        if memory.pinned(digest) or self.cache_for > 0:
             cached = memory.get(digest)
-            if cached is not None and (cached[0] == REVOKED or now - cached[1] < self.cfg.cache_for):
+            if cached is not None and (cached[0] == REVOKED or now - cached[1] < self.cache_for):
                 return self.judge(cached[0], now), None
         return None, lookup
 
@@ -174,9 +177,14 @@ class AuthCheck(CheckKind):
             assert record is not None
         else:
             record = parse_record(record_raw)
-            lookup.raw, lookup.record = record_raw, record
+            lookup.raw, lookup.record, lookup.verdict = record_raw, record, None
         memory.confirmed(lookup.digest, record, now)
-        return self.judge(record, now)
+        verdict = lookup.verdict
+        if verdict is None:
+            verdict = self.judge(record, now)
+            if record.expires_at is None:  # the same record, the same route: the same verdict until it changes
+                lookup.verdict = verdict
+        return verdict
 
     # --- verdicts ---------------------------------------------------------------------------------------------
     def unauthorized(self, detail: str, basis: Basis = "checked", reason: Reason | None = None,

@@ -111,6 +111,22 @@ async def test_each_request_judges_the_record_the_store_has_now(upstream: Upstre
         assert (r.status, r.json()["detail"]) == (401, "unknown API key")
 
 
+async def test_a_record_that_expires_is_refused_once_it_has_without_a_change_in_the_store(
+        upstream: Upstream, redis_server: RedisServer) -> None:
+    key = "expires-soon"
+    redis_server.command("SET", "failgate:epoch", "1")
+    redis_server.command("SET", f"failgate:apikey:{hashlib.sha256(key.encode()).hexdigest()}",
+                         json.dumps({"principal": "brief", "scopes": ["payments:write"], "expires_at": time.time() + 1}))
+    async with InProcessProxy(config_text(upstream.url, ROUTES, extra=store(redis_server.url))) as p:
+        h = {"Authorization": f"Bearer {key}"}
+        assert (await raw_request(p.port, "/pay", headers=h)).status == 200
+        deadline = time.monotonic() + 10
+        while (r := await raw_request(p.port, "/pay", headers=h)).status == 200:  # the same bytes every time
+            assert time.monotonic() < deadline, "the key never expired"
+            await asyncio.sleep(0.05)
+        assert (r.status, r.json()["detail"]) == (401, "the API key has expired")
+
+
 async def test_a_revocation_overrides_cache_for(upstream: Upstream, redis_server: RedisServer) -> None:
     key = new_key(redis_server.url, "carol", [])
     routes = auth_route("api", "{type: api_key, cache_for: 1h, on_store_error: closed}")
