@@ -100,9 +100,6 @@ class AuthCheck(CheckKind):
         # not) only keeps clearing it, as the digests' memo (keyspace.py) does.
         self._recent: dict[str, Lookup] = {}
 
-    def credential(self, headers: object) -> str | None:
-        return parse_credential(headers.get(self.header), self.scheme)  # type: ignore[attr-defined]
-
     # --- plan -------------------------------------------------------------------------------------------------
     def plan(self, headers: object, memory: KeyMemory, now: float) -> tuple[Verdict | None, Lookup | None]:
         """(the verdict, when it needs no store: no credential, a pinned revocation, a `cache_for` answer) or

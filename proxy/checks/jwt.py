@@ -27,6 +27,7 @@ from . import CheckKind
 from .auth import parse_credential
 
 MAX_TOKEN = 16 * 1024  # longer than any real token; refused before any work
+_RECENT = 4096  # header values whose token hash one route keeps at most
 
 
 class TokenMemory:
@@ -65,21 +66,32 @@ class JwtCheck(CheckKind):
         self.audiences = cfg.audiences or None
         self.challenge = [("WWW-Authenticate", f'{cfg.scheme or "Bearer"} realm="failgate"')]
         self.invalid = [("WWW-Authenticate", f'{cfg.scheme or "Bearer"} error="invalid_token"')]
-
-    def credential(self, headers: object) -> str | None:
-        return parse_credential(headers.get(self.header), self.scheme)  # type: ignore[attr-defined]
+        # header value -> its token's hash: clients repeat their tokens, and a hash through OpenSSL costs more to
+        # set up than to compute. Bounded: a flood of new values only keeps clearing it.
+        self._recent: dict[str, str] = {}
 
     # --- plan: a jwt route decides without the store ----------------------------------------------------------
     def plan(self, headers: object, memory: object, now: float) -> tuple[Verdict, None]:
-        token = self.credential(headers)
+        value = headers.get(self.header)  # type: ignore[attr-defined]
+        keyset = self.keyset
+        digest = self._recent.get(value) if value is not None else None
+        if digest is not None and keyset.fresh(now):  # a token seen here before, verified and not expired: most often
+            identity = self._known(digest, now)
+            if identity is not None:
+                return self._judge(identity), None
+        token = parse_credential(value, self.scheme)
         if token is None:
             return Verdict("auth", False, status=401, code="unauthorized", detail="missing bearer token",
                            headers=list(self.challenge)), None
         if len(token) > MAX_TOKEN:
             return self._invalid("the token is too large"), None
-        keyset = self.keyset
+        if digest is None:
+            digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+            if len(self._recent) >= _RECENT:
+                self._recent.clear()
+            self._recent[value] = digest
         if keyset.fresh(now):
-            return self._verify(token, now), None
+            return self._verify(token, digest, now), None
         # The key set could not be refreshed: the fail-mode table decides what the held set is still good for.
         failure = StoreUnavailable(keyset.failure or "unavailable")  # type: ignore[arg-type]
 
@@ -87,11 +99,11 @@ class JwtCheck(CheckKind):
             held = keyset.keys and keyset.fetched_at is not None
             if self.mode == "open":
                 if held:
-                    return self._verify(token, now, basis="open", reason=reason)
+                    return self._verify(token, digest, now, basis="open", reason=reason)
                 return unchecked_allow("auth", reason, basis="open")
             age = now - keyset.fetched_at if keyset.fetched_at is not None else None
             if held and age is not None and age <= self.cfg.stale_for:
-                return self._verify(token, now, basis="stale", reason=reason, age=age)
+                return self._verify(token, digest, now, basis="stale", reason=reason, age=age)
             if self.cfg.stale_fallback == "open":
                 return unchecked_allow("auth", reason, basis="stale", fallback="open")
             return unchecked_deny("auth", reason, status=self.cfg.status_on_error, retry_after=self.retry_after,
@@ -101,11 +113,18 @@ class JwtCheck(CheckKind):
                         remembered=remembered, check="auth"), None
 
     # --- verification -----------------------------------------------------------------------------------------
-    def _verify(self, token: str, now: float, **tag: Any) -> Verdict:
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+    def _known(self, digest: str, now: float) -> Identity | None:
+        """The identity of a token verified before, not expired, whose key the set still has."""
         known = self.tokens.get(digest, now)
         if known is not None and (known[2] in self.keyset.keys or self.keyset.always_fresh):
-            return self._judge(known[0], **tag)
+            return known[0]
+        return None
+
+    def _verify(self, token: str, digest: str, now: float, **tag: Any) -> Verdict:
+        """`digest`: the token's SHA-256, the verified tokens' memory's key."""
+        identity = self._known(digest, now)
+        if identity is not None:
+            return self._judge(identity, **tag)
         try:
             header = pyjwt.get_unverified_header(token)
         except PyJWTError:
@@ -142,6 +161,8 @@ class JwtCheck(CheckKind):
         if not self.scopes.issubset(identity.scopes):
             missing = ", ".join(sorted(self.scopes.difference(identity.scopes)))
             return Verdict("auth", False, status=403, code="forbidden", detail=f"missing scope: {missing}", **tag)
+        if not tag:  # checked: the common case, a direct call (keyword arguments passed on are a dictionary)
+            return Verdict("auth", True, identity=identity)
         return Verdict("auth", True, identity=identity, **tag)
 
     def _invalid(self, detail: str, **tag: Any) -> Verdict:

@@ -120,6 +120,26 @@ async def test_key_rotation_is_picked_up_on_refresh_and_on_an_unknown_kid(upstre
         await until("a token of the removed key is refused", old_key_refused, timeout=5)
 
 
+async def test_a_remembered_token_is_refused_once_it_expires_or_its_key_is_gone(upstream: Upstream,
+                                                                               idp: JwksServer) -> None:
+    """A route keeps each header value's token hash and the verified tokens' identities: a token it has seen
+    must still be refused once it expires, or once the key set no longer has its key."""
+    rsa, ec = idp.keys
+    async with InProcessProxy(config_text(upstream.url, route(idp, refresh="1s", extra="leeway: 0s, "))) as p:
+        brief, steady = rsa.token(exp=time.time() + 2), ec.token()
+        for value in (f"Bearer {steady}", f"bearer   {steady}", f"Bearer {brief}", f"Bearer {brief}"):
+            r = await raw_request(p.port, "/pay", headers={"Authorization": value})
+            assert r.status == 200, value
+
+        async def refused(token: str) -> bool:
+            return (await call(p, token)).status == 401
+
+        await until("the expired token is refused", lambda: refused(brief), timeout=10)
+        assert (await call(p, steady)).status == 200
+        idp.keys = [rsa]  # the EC key removed from the set
+        await until("a token of the removed key is refused", lambda: refused(steady), timeout=10)
+
+
 QUICK = {("stale", "refuse"), ("closed", "hang"), ("open", "error"), ("stale", "garbage")}
 
 
