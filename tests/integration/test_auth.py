@@ -115,8 +115,8 @@ async def test_a_record_that_expires_is_refused_once_it_has_without_a_change_in_
         upstream: Upstream, redis_server: RedisServer) -> None:
     key = "expires-soon"
     redis_server.command("SET", "failgate:epoch", "1")
-    redis_server.command("SET", f"failgate:apikey:{hashlib.sha256(key.encode()).hexdigest()}",
-                         json.dumps({"principal": "brief", "scopes": ["payments:write"], "expires_at": time.time() + 1}))
+    record = {"principal": "brief", "scopes": ["payments:write"], "expires_at": time.time() + 1}
+    redis_server.command("SET", f"failgate:apikey:{hashlib.sha256(key.encode()).hexdigest()}", json.dumps(record))
     async with InProcessProxy(config_text(upstream.url, ROUTES, extra=store(redis_server.url))) as p:
         h = {"Authorization": f"Bearer {key}"}
         assert (await raw_request(p.port, "/pay", headers=h)).status == 200
