@@ -24,6 +24,7 @@ COMPILED = [
     "proxy/checks/local.py",
     "proxy/checks/memo.py",
     "proxy/checks/ratelimit.py",
+    "proxy/observe/decisionlog.py",
     "proxy/observe/metrics.py",
     "proxy/store/breaker.py",
     "proxy/store/chaos.py",

@@ -37,8 +37,9 @@ class LogWriter:
         self._stream = stream
         self.max_queue = max_queue
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="failgate-log", daemon=True)
-        self._thread.start()
+        # (not `_thread`: in the compiled build that attribute's C name would be the C keyword `__thread`)
+        self._worker = threading.Thread(target=self._run, name="failgate-log", daemon=True)
+        self._worker.start()
 
     def put(self, line: dict[str, Any]) -> bool:
         """Queue a line; False (not queued) when the queue is full — the caller accounts for it."""
@@ -84,7 +85,7 @@ class LogWriter:
 
     def close(self) -> None:
         self._queue.put(_STOP)
-        self._thread.join(timeout=5)
+        self._worker.join(timeout=5)
 
 
 class DecisionLog:
