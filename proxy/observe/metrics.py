@@ -194,12 +194,12 @@ def data_lost() -> None:
 
 
 class FastHistogram:
-    """`observe` of one histogram child. The observations are kept here as plain
-    numbers and added into the child's values by `flush`: in a single process whenever the registry is read
-    (REGISTRY's first collector: on every scrape and every read of a sample); in a worker, whose values are the
-    multiprocess files its parent reads, every second and when it stops (serving.py) — a write to those files
-    costs ~0.7 µs, and a request makes several. So a request pays two additions instead of two calls into
-    prometheus-client. `of(child)` gives every child one, whatever reloads make new route metrics."""
+    """`observe` of one histogram child. The observations are kept here as plain numbers and added into the
+    child's values by `flush`: in a single process whenever the registry is read (REGISTRY's first collector: on
+    every scrape and every read of a sample); in a worker, whose values are the multiprocess files its parent
+    reads, every second and when it stops (serving.py) — a write to those files costs ~0.7 µs, and a request makes
+    several. So a request pays two additions instead of two calls into prometheus-client. `of(child)` gives every
+    child one, whatever reloads make new route metrics."""
 
     __slots__ = ("_bounds", "_buckets", "_counts", "_deferred", "_sum", "_total")
 
@@ -294,24 +294,18 @@ def flush() -> None:
 class RouteMetrics:
     """A route's labelled children, resolved once at config load so the hot path does no label lookups."""
 
-    __slots__ = ("_by_status", "_decisions", "_name", "_passed", "duration")
+    __slots__ = ("_by_status", "_decisions", "_name", "duration")
 
     def __init__(self, route: str) -> None:
         self._name = route
         self._by_status: dict[int, FastCounter] = {}
-        self._decisions: dict[tuple[str, bool, str, bool], FastCounter] = {}
-        self._passed: dict[str, FastCounter] = {}  # by check: the decisions allowed, checked, no shadow denial
+        self._decisions: dict[object, FastCounter] = {}  # by check name, or (check, allow, basis, shadow_deny)
         self.duration = FastHistogram.of(REQUEST_DURATION.labels(route))
 
     def decided(self, verdict: Verdict) -> None:
-        if verdict.allow and verdict.basis == "checked" and not verdict.shadow_deny:  # a check passed: most often
-            passed = self._passed.get(verdict.check)
-            if passed is None:
-                passed = self._passed[verdict.check] = FastCounter.of(DECISIONS.labels(
-                    self._name, verdict.check, verdict.decision, verdict.basis))
-            passed.inc()
-            return
-        key = (verdict.check, verdict.allow, verdict.basis, verdict.shadow_deny)
+        # A check that passed (most often) is found by its name alone, any other decision by all it is counted by.
+        passed = verdict.allow and verdict.basis == "checked" and not verdict.shadow_deny
+        key: object = verdict.check if passed else (verdict.check, verdict.allow, verdict.basis, verdict.shadow_deny)
         counter = self._decisions.get(key)
         if counter is None:
             counter = self._decisions[key] = FastCounter.of(DECISIONS.labels(
