@@ -8,7 +8,8 @@ instrumentation off), then for each scenario switches instrumentation on, drives
 switches it off and divides the instructions the server executed by the responses it served. Under callgrind a
 server runs ~50x slower, so these are counts, not speeds; compare them with each other. They still move by a few
 percent from run to run (how many requests share an event-loop turn depends on timing): `--rounds N` measures
-every scenario N times, interleaved, and reports the median."""
+every scenario N times, interleaved, and reports the median. Last, redis-server is SIGKILLed and the stale-auth and
+open routes are measured again: what a request decided by its route's fail mode costs next to a real check."""
 
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ def main() -> int:
         for p in three:
             spawn([py, "-m", f"{__package__}.upstream", str(p)], p)
         rport = _port()
-        spawn(redis_command(rport, work), rport)
+        store = spawn(redis_command(rport, work), rport)
         key = _seed_key(f"redis://127.0.0.1:{rport}/0")
         bearer = [("Authorization", f"Bearer {key}")]
         runs: dict[str, list[tuple[int, int, Path]]] = {}
@@ -176,7 +177,9 @@ def main() -> int:
                      ("failgate two limits, one key", "/rl/two", []),
                      ("failgate auth", "/auth", bearer), ("failgate auth + rate_limit", "/auth-rl", bearer),
                      ("failgate auth from cache_for", "/auth-cached", bearer),
-                     ("failgate http authorizer, cache_for", "/authz-cached", bearer))
+                     ("failgate http authorizer, cache_for", "/authz-cached", bearer),
+                     ("failgate stale auth + rate_limit", "/gate-stale", bearer),
+                     ("failgate open rate_limit", "/open", []))
         for _ in range(args.rounds):
             measure("reference proxy", ref.pid, out, f"http://127.0.0.1:{ref_port}/x", [])
             measure("reference proxy + 1 store call", ref2.pid, out2, f"http://127.0.0.1:{ref2_port}/x", [])
@@ -185,6 +188,15 @@ def main() -> int:
                     measure(name, fg.pid, out3, base + path, hdrs)
             if not only or "jwt" in only:
                 measure("failgate jwt, 1,000 tokens", fg.pid, out3, base + "/jwt", [], tokens)
+        # the store SIGKILLed: what a request decided by its route's fail mode costs (last: the store stays down)
+        outage = [(name, path, hdrs) for name, path, hdrs in scenarios
+                  if path in ("/gate-stale", "/open") and (not only or any(w in name for w in only))]
+        if outage:
+            store.kill()
+            store.wait()
+            for _ in range(args.rounds):
+                for name, path, hdrs in outage:
+                    measure(name + ", store killed", fg.pid, out3, base + path, hdrs)
         rows = [(name, statistics.median(total / n for total, n, _ in results if n), sum(n for _, n, _ in results))
                 for name, results in runs.items()]
         print(f"instructions per request (callgrind), Failgate {build()}, {args.concurrency} connections, "
@@ -195,7 +207,10 @@ def main() -> int:
                 base_per = per
             if name == "reference proxy":
                 ref_per = per
-            if base_per and name != "failgate passthrough" and name.startswith("failgate"):
+            healthy = name.removesuffix(", store killed")
+            if healthy != name and healthy in runs:
+                extra = f"  ({per / statistics.median(t / k for t, k, _ in runs[healthy] if k):.2f}x healthy)"
+            elif base_per and name != "failgate passthrough" and name.startswith("failgate"):
                 extra = f"  (+{(per - base_per) / 1000:.0f}k over passthrough)"
             elif name == "reference proxy + 1 store call":
                 extra = f"  (+{(per - ref_per) / 1000:.0f}k over the reference proxy)"

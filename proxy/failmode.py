@@ -61,6 +61,52 @@ def degraded(kind: str, mode: str, failure: StoreUnavailable, *, status: int, re
     return remembered(failure.reason)
 
 
+class FailMode:
+    """One check's row of the table, looked up once when the config is compiled. The verdicts that need no memory
+    — allow, deny, and `stale_fallback`'s — are made once per reason and handed to every request they decide (a
+    Verdict is never changed once made): an outage costs a lookup per request, not new verdicts."""
+
+    def __init__(self, kind: str, mode: str, check: str, *, status: int, retry_after: float,
+                 stale_fallback: str | None = None) -> None:
+        self.kind = kind
+        self.mode = mode
+        self.check = check
+        self.status = status
+        self.retry_after = retry_after
+        self.stale_fallback = stale_fallback
+        self.remembers = TABLE[(kind, mode)].outcome == "remembered"  # the check's own memory decides
+        self._made: dict[str, Verdict] = {}  # reason -> the table's verdict
+        self._fallbacks: dict[str, Verdict] = {}  # reason -> stale_fallback's verdict
+
+    def decide(self, failure: StoreUnavailable, remembered: Callable[[Reason], Verdict] | None = None) -> Verdict:
+        """The verdict for `failure`; `remembered` is needed when the check's mode hands over to its memory."""
+        if self.remembers:
+            assert remembered is not None
+            return remembered(failure.reason)
+        made = self._made.get(failure.reason)
+        if made is None:
+            made = self._made[failure.reason] = degraded(self.kind, self.mode, failure, status=self.status,
+                                                         retry_after=self.retry_after, remembered=_unused,
+                                                         check=self.check)
+        return made
+
+    def fallback(self, reason: Reason) -> Verdict:
+        """`stale` with nothing (young enough) remembered: `stale_fallback`, tagged `fallback=`."""
+        made = self._fallbacks.get(reason)
+        if made is None:
+            if self.stale_fallback == "open":
+                made = unchecked_allow(self.check, reason, basis="stale", fallback="open")
+            else:
+                made = unchecked_deny(self.check, reason, status=self.status, retry_after=self.retry_after,
+                                      basis="stale", fallback="closed")
+            self._fallbacks[reason] = made
+        return made
+
+
+def _unused(reason: Reason) -> Verdict:
+    raise AssertionError("an allow or deny row has no memory to consult")
+
+
 def unchecked_allow(check: str, reason: Reason, *, basis: Basis, fallback: str | None = None) -> Verdict:
     return Verdict(check, True, basis=basis, reason=reason, fallback=fallback)
 

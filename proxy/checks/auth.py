@@ -12,7 +12,7 @@ from multidict import istr
 
 from ..config.schema import Auth
 from ..decision import Basis, Identity, Reason, Verdict
-from ..failmode import degraded, unchecked_allow, unchecked_deny
+from ..failmode import FailMode
 from ..keyspace import BUCKETS, digest_of, epoch_key, record_key
 from ..observe.metrics import data_lost
 from ..store.errors import StoreUnavailable
@@ -85,6 +85,8 @@ class AuthCheck(CheckKind):
     def __init__(self, route: str, cfg: Auth, *, key_prefix: str, retry_after: float, bucketed: bool = False) -> None:
         super().__init__(route, cfg, retry_after)
         self.cfg: Auth = cfg
+        self.failmode = FailMode("auth", self.mode, "auth", status=cfg.status_on_error, retry_after=retry_after,
+                                 stale_fallback=cfg.stale_fallback)
         self.header = istr(cfg.header)
         self.scheme = cfg.scheme.lower() if cfg.scheme else None
         self.scopes = frozenset(cfg.scopes)
@@ -150,13 +152,9 @@ class AuthCheck(CheckKind):
             entry = memory.get(digest)
             if entry is not None and now - entry[1] <= self.cfg.stale_for:
                 return self.judge(entry[0], now, basis="stale", reason=reason, age=now - entry[1])
-            if self.cfg.stale_fallback == "open":
-                return unchecked_allow("auth", reason, basis="stale", fallback="open")
-            return unchecked_deny("auth", reason, status=self.cfg.status_on_error, retry_after=self.retry_after,
-                                  basis="stale", fallback="closed")
+            return self.failmode.fallback(reason)
 
-        return degraded("auth", self.mode, answer, status=self.cfg.status_on_error, retry_after=self.retry_after,
-                        remembered=remembered)
+        return self.failmode.decide(answer, remembered)
 
     def from_store(self, lookup: Lookup, record_raw: object, epoch_raw: object, memory: KeyMemory,
                    now: float) -> Verdict:

@@ -25,7 +25,7 @@ from yarl import URL
 from ..config.schema import Auth
 from ..deadline import within
 from ..decision import Identity, Reason, Verdict
-from ..failmode import degraded, unchecked_allow, unchecked_deny
+from ..failmode import FailMode
 from ..observe.metrics import AUTHZ_DURATION, AUTHZ_REQUESTS, BREAKER_STATE
 from ..pool import Origin, Pool
 from ..store.breaker import Breaker
@@ -78,6 +78,9 @@ class HttpAuthCheck(CheckKind):
     def __init__(self, route: str, cfg: Auth, *, retry_after: float, authorizer: Authorizer) -> None:
         super().__init__(route, cfg, retry_after)
         self.cfg: Auth = cfg
+        # a refusal may be tried again when the authorizer's own breaker would let a call through
+        self.failmode = FailMode("http", self.mode, "auth", status=cfg.status_on_error,
+                                 retry_after=cfg.breaker.open_for, stale_fallback=cfg.stale_fallback)
         self.authorizer = authorizer
         self.header = istr(cfg.header)  # the credential header (two of them are refused before the call)
         url = URL(cfg.url or "")  # (validated: an http or https URL with a host)
@@ -195,10 +198,6 @@ class HttpAuthCheck(CheckKind):
                                    status=given.status, code=given.code, detail=given.detail,
                                    headers=list(given.headers), identity=given.identity,
                                    upstream=list(given.upstream), body=given.body)
-            if self.cfg.stale_fallback == "open":
-                return unchecked_allow("auth", reason, basis="stale", fallback="open")
-            return unchecked_deny("auth", reason, status=self.cfg.status_on_error, retry_after=self.retry_after,
-                                  basis="stale", fallback="closed")
+            return self.failmode.fallback(reason)
 
-        return degraded("http", self.mode, failure, status=self.cfg.status_on_error,
-                        retry_after=self.cfg.breaker.open_for, remembered=remembered, check="auth")
+        return self.failmode.decide(failure, remembered)

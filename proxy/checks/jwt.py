@@ -20,7 +20,7 @@ from multidict import istr
 
 from ..config.schema import Auth
 from ..decision import Identity, Reason, Verdict
-from ..failmode import degraded, unchecked_allow, unchecked_deny
+from ..failmode import FailMode, unchecked_allow
 from ..jwks import KeySet
 from ..store.errors import StoreUnavailable
 from . import CheckKind
@@ -57,6 +57,8 @@ class JwtCheck(CheckKind):
     def __init__(self, route: str, cfg: Auth, *, retry_after: float, keyset: KeySet, tokens: TokenMemory) -> None:
         super().__init__(route, cfg, retry_after)
         self.cfg: Auth = cfg
+        self.failmode = FailMode("jwt", self.mode, "auth", status=cfg.status_on_error, retry_after=retry_after,
+                                 stale_fallback=cfg.stale_fallback)
         self.keyset = keyset
         self.tokens = tokens
         self.header = istr(cfg.header)
@@ -104,13 +106,9 @@ class JwtCheck(CheckKind):
             age = now - keyset.fetched_at if keyset.fetched_at is not None else None
             if held and age is not None and age <= self.cfg.stale_for:
                 return self._verify(token, digest, now, basis="stale", reason=reason, age=age)
-            if self.cfg.stale_fallback == "open":
-                return unchecked_allow("auth", reason, basis="stale", fallback="open")
-            return unchecked_deny("auth", reason, status=self.cfg.status_on_error, retry_after=self.retry_after,
-                                  basis="stale", fallback="closed")
+            return self.failmode.fallback(reason)
 
-        return degraded("jwt", self.mode, failure, status=self.cfg.status_on_error, retry_after=self.retry_after,
-                        remembered=remembered, check="auth"), None
+        return self.failmode.decide(failure, remembered), None
 
     # --- verification -----------------------------------------------------------------------------------------
     def _known(self, digest: str, now: float) -> Identity | None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from ..config.schema import RateLimit
 from ..decision import Basis, Quota, Reason, Verdict
-from ..failmode import degraded
+from ..failmode import FailMode
 from ..store.errors import StoreUnavailable
 from ..store.ops import LimitsOp, Op, RateOp, RateResult
 from . import CheckKind
@@ -88,6 +88,8 @@ class RateLimitCheck(CheckKind):
         super().__init__(route, cfg, retry_after)
         self.cfg: RateLimit = cfg
         self.check = f"rate_limit.{cfg.name}" if cfg.name else "rate_limit"  # in metrics, tags, the log
+        self.failmode = FailMode("rate_limit", self.mode, self.check, status=cfg.status_on_error,
+                                 retry_after=retry_after)
         self.policy = f"{route}.{cfg.name}" if cfg.name else route  # the IETF policy name
         self.algorithm = cfg.algorithm
         self.limit = cfg.limit
@@ -277,12 +279,12 @@ class LimitGroup:
                         memory.remember(o.key, result.state, now)
             return [limit.verdict(o, result) for limit, o, result in zip(limits, ops, answer, strict=True)]  # type: ignore[call-overload]
         assert isinstance(answer, StoreUnavailable)
+        if not self._stale:  # nothing remembered locally: each limit's allow or deny, from the table
+            return [limit.failmode.decide(answer) for limit in limits]
+        # every stale limit of the subject, decided together here as the store would
         stale = [(limit, o) for limit, o in zip(limits, ops, strict=True) if limit.mode == "stale"]
-        local = {}
-        if stale:  # every stale limit of the subject, decided together here as the store would
-            now_us = int(now * 1_000_000)
-            answers = memory.decide_together([(o, limit.local_share) for limit, o in stale], now_us)
-            local = {id(o): (limit, o, result, age) for (limit, o), (result, age) in zip(stale, answers, strict=True)}
+        answers = memory.decide_together([(o, limit.local_share) for limit, o in stale], int(now * 1_000_000))
+        local = {id(o): (limit, o, result, age) for (limit, o), (result, age) in zip(stale, answers, strict=True)}
 
         def remembered_for(o: RateOp) -> Callable[[Reason], Verdict]:
             def remembered(reason: Reason) -> Verdict:
@@ -290,6 +292,5 @@ class LimitGroup:
                 return limit.verdict(o, result, basis="stale", reason=reason, age=age)
             return remembered
 
-        return [degraded("rate_limit", limit.mode, answer, status=limit.cfg.status_on_error,
-                         retry_after=limit.retry_after, remembered=remembered_for(o), check=limit.check)
+        return [limit.failmode.decide(answer, remembered_for(o) if limit.failmode.remembers else None)
                 for limit, o in zip(limits, ops, strict=True)]

@@ -20,7 +20,7 @@ import os
 import queue
 import sys
 import threading
-import time
+from time import time
 from typing import IO, Any
 
 import msgspec
@@ -88,50 +88,72 @@ class LogWriter:
         self._worker.join(timeout=5)
 
 
+class _Budget:
+    """One route's lines of one kind (denies, or degraded verdicts) in the current second, and the verdicts past
+    the budget, counted by (check, decision, basis, reason)."""
+
+    def __init__(self, second: int) -> None:
+        self.second = second
+        self.lines = 0
+        self.suppressed: dict[tuple[str, str, str, str | None], int] = {}
+
+
 class DecisionLog:
     def __init__(self, writer: LogWriter, config_sha256: str, per_route_per_second: int = 50) -> None:
         self.writer = writer
         self.config_sha256 = config_sha256
         self.limit = per_route_per_second
-        self._second: dict[tuple[str, str], tuple[int, int]] = {}  # (route, kind) -> (second, lines so far)
-        # (second, route, kind, check, decision, basis, reason) -> verdicts not written as lines
-        self._suppressed: dict[tuple[int, str, str, str, str, str, str | None], int] = {}
+        self._denies: dict[str, _Budget] = {}  # by route
+        self._degraded: dict[str, _Budget] = {}
+        # the counts of seconds that are over, not yet written: (second, route, kind, counts)
+        self._over: list[tuple[int, str, str, dict[tuple[str, str, str, str | None], int]]] = []
 
     def record(self, *, request_id: str, route: str, check: str, decision: str, basis: str, reason: str | None,
                status: int, client: str, principal: str | None) -> None:
-        now = time.time()
+        now = time()
         sec = int(now)
-        kind = "deny" if basis == "checked" else "degraded"
-        budget = (route, kind)
-        seen = self._second.get(budget)
-        count = 1 if seen is None or seen[0] != sec else seen[1] + 1
-        self._second[budget] = (sec, count)
-        if count <= self.limit and self.writer.put({
+        budgets = self._denies if basis == "checked" else self._degraded
+        budget = budgets.get(route)
+        if budget is None:
+            budget = budgets[route] = _Budget(sec)
+        elif budget.second != sec:
+            if budget.suppressed:
+                self._over.append((budget.second, route, "deny" if basis == "checked" else "degraded",
+                                   budget.suppressed))
+                budget.suppressed = {}
+            budget.second = sec
+            budget.lines = 0
+        budget.lines += 1
+        if budget.lines <= self.limit and self.writer.put({
             "ts": round(now, 3), "request_id": request_id, "route": route, "check": check, "decision": decision,
             "basis": basis, "reason": reason, "status": status, "client": client, "principal": principal,
             "config_sha256": self.config_sha256,
         }):
             return
-        group = (sec, route, kind, check, decision, basis, reason)
-        self._suppressed[group] = self._suppressed.get(group, 0) + 1
+        group = (check, decision, basis, reason)
+        budget.suppressed[group] = budget.suppressed.get(group, 0) + 1
 
     def event(self, line: dict[str, Any]) -> None:
         """An operator event (an upstream failure, a dependency's state change): one line each, never dropped."""
-        self.writer.put_always({"ts": round(time.time(), 3), **line, "config_sha256": self.config_sha256})
+        self.writer.put_always({"ts": round(time(), 3), **line, "config_sha256": self.config_sha256})
 
     def flush(self, final: bool = False) -> None:
         """Write the summaries of every second that is over (called once a second) — and, with `final`, of the
         current one too (at reload and shutdown: nothing may stay behind)."""
-        if not self._suppressed:
-            return
-        now = time.time()
+        now = time()
         sec = int(now)
-        for group in [g for g in self._suppressed if final or g[0] != sec]:
-            second, route, kind, check, decision, basis, reason = group
-            self.writer.put_always({
-                "ts": round(now, 3), "route": route, "second": second, "kind": kind, "check": check,
-                "decision": decision, "basis": basis, "reason": reason, "suppressed": self._suppressed.pop(group),
-                "config_sha256": self.config_sha256,
-            })
-        for budget in [b for b, (s, _) in self._second.items() if s != sec]:
-            del self._second[budget]
+        over, self._over = self._over, []
+        for kind, budgets in (("deny", self._denies), ("degraded", self._degraded)):
+            for route, budget in list(budgets.items()):
+                if budget.suppressed and (final or budget.second != sec):
+                    over.append((budget.second, route, kind, budget.suppressed))
+                    budget.suppressed = {}
+                if budget.second != sec:
+                    del budgets[route]
+        for second, route, kind, counts in over:
+            for (check, decision, basis, reason), n in counts.items():
+                self.writer.put_always({
+                    "ts": round(now, 3), "route": route, "second": second, "kind": kind, "check": check,
+                    "decision": decision, "basis": basis, "reason": reason, "suppressed": n,
+                    "config_sha256": self.config_sha256,
+                })

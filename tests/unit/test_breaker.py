@@ -104,6 +104,31 @@ def test_denies_cannot_hide_degraded_verdicts_and_a_final_flush_accounts_for_eve
     assert any(x["check"] == "auth" and "request_id" in x for x in lines)  # degraded verdicts got lines of their own
 
 
+def test_a_route_budget_starts_again_each_second_and_the_seconds_over_are_summarized_apart() -> None:
+    out = io.StringIO()
+    writer = LogWriter(out)
+    log = DecisionLog(writer, "abc", per_route_per_second=2)
+    sec = int(time.time())
+    while int(time.time()) != sec + 1:  # start at the beginning of a second
+        time.sleep(0.005)
+    first = sec + 1
+
+    def degraded(n: int) -> None:
+        for _ in range(n):
+            log.record(request_id="r", route="a", check="auth", decision="allow", basis="open", reason="timeout",
+                       status=200, client="c", principal=None)
+
+    degraded(5)  # 2 lines, 3 counted
+    while int(time.time()) == first:
+        time.sleep(0.005)
+    degraded(4)  # a new second: 2 lines again, 2 counted — before any flush
+    log.flush(final=True)
+    writer.close()
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert len([x for x in lines if "request_id" in x]) == 4
+    assert sorted((x["second"] - first, x["suppressed"]) for x in lines if "suppressed" in x) == [(0, 3), (1, 2)]
+
+
 class Silent:
     """A store that never answers (what a hung Redis looks like to one request), and counts its calls."""
 

@@ -190,3 +190,30 @@ def test_every_row_of_the_table_is_tested_and_printed_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     assert readme_table() in readme, "README.md must print proxy/failmode.py's table (readme_table())"
     assert re.search(r"\| auth \| `stale` \|", readme)
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+@pytest.mark.parametrize("kind", ["auth", "rate_limit"])
+async def test_a_verdict_without_memory_is_made_once_per_reason_and_each_reason_keeps_its_own(kind: str,
+                                                                                            mode: str) -> None:
+    rt, store, _ = runtime(kind, mode)
+    store.failure = StoreUnavailable("timeout")
+    first, again = (await decide(rt)).verdicts[0], (await decide(rt)).verdicts[0]
+    assert first is again  # handed out again, not made again (a verdict is never changed once made)
+    store.failure = StoreUnavailable("unavailable")
+    other = (await decide(rt)).verdicts[0]
+    assert other is not first and (first.reason, other.reason) == ("timeout", "unavailable")
+    assert other.tag() == f"{kind};mode={mode};reason=unavailable"
+
+
+async def test_a_stale_fallback_is_made_once_per_reason_and_a_remembered_record_still_decides() -> None:
+    rt, store, _ = runtime("auth", "stale", "closed")
+    remember(store, "known", Record(principal="ann", scopes=["pay"]))
+    assert (await decide(rt, "known")).verdicts[0].basis == "checked"
+    store.failure = StoreUnavailable("timeout")
+    a, b = (await decide(rt, "stranger")).verdicts[0], (await decide(rt, "other")).verdicts[0]
+    assert a is b and (a.allow, a.fallback, a.reason) == (False, "closed", "timeout")
+    known = (await decide(rt, "known")).verdicts[0]
+    assert (known.allow, known.basis, known.fallback) == (True, "stale", None)
+    store.failure = StoreUnavailable("error")
+    assert (await decide(rt, "stranger")).verdicts[0].tag() == "auth;mode=stale;reason=error;fallback=closed"
