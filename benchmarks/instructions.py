@@ -202,6 +202,7 @@ def main() -> int:
         print(f"instructions per request (callgrind), Failgate {build()}, {args.concurrency} connections, "
               f"{args.seconds:g}s each, median of {args.rounds}")
         base_per = ref_per = 0.0
+        width = max(len(name) for name, _, _ in rows)
         for name, per, n in rows:
             if name == "failgate passthrough":
                 base_per = per
@@ -217,7 +218,7 @@ def main() -> int:
             else:
                 extra = ""
             each = " ".join(f"{total / k / 1000:.0f}k" for total, k, _ in runs[name] if k)
-            print(f"  {name:<30} {per / 1000:8.0f}k  over {n} responses{extra}  [{each}]")
+            print(f"  {name:<{width}} {per / 1000:8.0f}k  over {n} responses{extra}  [{each}]")
         if args.profile:
             _profile(runs, args.profile)
         return 0

@@ -365,16 +365,19 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = 
 
         if want("outage"):
             print(f"store failing (store.timeout {STORE_TIMEOUT_MS}ms):")
-            bench.measure("healthy: auth stale + rate_limit open", base + "/gate-stale", servers=("failgate", "redis"),
-                          headers=bearer)
+            # healthy and hung, measured in turn each round like the peer table's rows: the goal is their ratio
+            for n in range(1, rounds + 1):
+                for scenario, path, servers, keyed, mode in (_OUTAGE[::-1] if n % 2 == 0 else _OUTAGE):
+                    switch(mode)()
+                    if mode == "pass":  # the breaker closed again: a real check decides
+                        _until_checked(base + path, headers=bearer if keyed else None)
+                    bench.measure(scenario, base + path, servers=servers, headers=bearer if keyed else None,
+                                  note=f"round {n}")
             for label, mode in (("hung (blackhole)", "blackhole"), ("slow (+80ms)", "delay 0.08"),
                                 ("refusing (reset)", "reset")):
-                for route in ("open", "closed"):
+                for route in ("open", "closed") if mode != "blackhole" else ("closed",):
                     bench.measure(f"store {label}: {route} route", base + f"/{route}", servers=("failgate",),
                                   during=switch(mode))
-                if mode == "blackhole":
-                    bench.measure(f"store {label}: auth stale + rate_limit open", base + "/gate-stale",
-                                  servers=("failgate",), headers=bearer)
                 switch("pass")()
             # killed: the real process, SIGKILLed, then restarted for whatever follows
             redis = bench.procs["redis"]
@@ -395,6 +398,8 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = 
         table = peer_table(bench.rows)
         if table:
             print("\n".join(["against peers (CPU µs per request of the serving process, 64 connections):", *table]))
+        if outage := outage_table(bench.rows):
+            print("\n".join(["store outage (64 connections):", *outage]))
         paths = _write(bench, Path(out), timeline)
         print("results: " + ", ".join(str(p) for p in paths))
         return 0
@@ -450,6 +455,71 @@ def cross_check(bench: Bench) -> None:
         if rps is not None:
             bench.wrk.append((row.scenario, 64, row.result["rps"], rps))
             print(f"  {row.scenario:<34} generator {row.result['rps']:>9.0f} req/s   wrk {rps:>9.0f} req/s")
+
+
+# The outage goal's rows, measured in turn each round: (scenario, path, servers measured, with the API key, what the
+# fault proxy in front of Redis does)
+_OUTAGE = (("healthy: auth stale + rate_limit open", "/gate-stale", ("failgate", "redis"), True, "pass"),
+           ("store hung (blackhole): auth stale + rate_limit open", "/gate-stale", ("failgate",), True, "blackhole"),
+           ("healthy: open route", "/open", ("failgate", "redis"), False, "pass"),
+           ("store hung (blackhole): open route", "/open", ("failgate",), False, "blackhole"))
+
+
+def _until_checked(url: str, headers: list[tuple[str, str]] | None, timeout: float = 30.0) -> None:
+    """Wait until a request to `url` is decided by real checks again (no degraded tag): the store answers and the
+    breaker has closed."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), \
+                urllib.request.urlopen(urllib.request.Request(url, headers=dict(headers or [])), timeout=2) as resp:
+            if resp.headers.get("Failgate-Degraded") is None:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url}: still decided without the store after {timeout:.0f}s")
+
+
+def _share(own: list[Row], healthy: list[Row]) -> str:
+    """`own`'s throughput as a share of healthy: paired by round when there is a healthy row for each, else against
+    the healthy median."""
+    if not own:
+        return ""
+    if len(own) == len(healthy):
+        each = [o.result["rps"] / h.result["rps"] for o, h in zip(own, healthy, strict=True)]
+    else:
+        each = [o.result["rps"] / statistics.median(h.result["rps"] for h in healthy) for o in own]
+    shown = f" [{' '.join(f'{v:.2f}' for v in each)}]" if len(each) > 1 else ""
+    return f"{statistics.median(o.result['rps'] for o in own):.0f} ({statistics.median(each):.2f}x{shown})"
+
+
+def outage_table(rows: list[Row]) -> list[str]:
+    """The outage goal from the rows: a route's throughput with the store hung (and killed) as a share of its
+    healthy throughput, and the p99s. Hung is paired with healthy by round (the median of the rounds' ratios);
+    killed, measured once, against the median of the healthy rounds."""
+    def measured(scenario: str) -> list[Row]:
+        return [r for r in rows if r.scenario == scenario and r.concurrency == 64]
+
+    def p99(own: list[Row]) -> str:
+        return f"{statistics.median(r.result['latency_us']['p99'] for r in own) / 1000:.2f}" if own else ""
+
+    lines = ["| route | healthy req/s | store hung | store killed | p99 ms healthy / hung / killed |",
+             "|---|---|---|---|---|"]
+    for label, healthy_s, hung_s, killed_s in (
+            ("auth stale + rate_limit open", "healthy: auth stale + rate_limit open",
+             "store hung (blackhole): auth stale + rate_limit open", "store killed: auth stale + rate_limit open"),
+            ("rate_limit open", "healthy: open route", "store hung (blackhole): open route",
+             "store killed: open route")):
+        healthy, hung, killed = measured(healthy_s), measured(hung_s), measured(killed_s)
+        if healthy:
+            rps = statistics.median(r.result["rps"] for r in healthy)
+            lines.append(f"| {label} | {rps:.0f} | {_share(hung, healthy)} | {_share(killed, healthy)} | "
+                         f"{p99(healthy)} / {p99(hung)} / {p99(killed)} |")
+    if len(lines) == 2:
+        return []
+    return [*lines, "", f"Goal: throughput at least 0.90x healthy, p99 at most healthy p99 + store.timeout "
+            f"({STORE_TIMEOUT_MS} ms). Hung rows are paired with the healthy row of their round (the median of the "
+            "rounds' ratios, in brackets); killed, measured once, against the healthy median."]
 
 
 def _ratios(rows: list[Row]) -> None:
@@ -561,6 +631,9 @@ def _write(bench: Bench, out: Path, timeline: dict[str, Any] | None) -> list[Pat
     if table:
         lines += ["", "## Against peers", "", "CPU µs per request of the serving process (Redis's in parentheses), "
                   "64 connections, from the rows above.", "", *table]
+    outage = outage_table(bench.rows)
+    if outage:
+        lines += ["", "## Store outage", "", *outage]
     if bench.wrk:
         lines += ["", "## Cross-check with wrk", "", "| scenario | c | generator req/s | wrk req/s |",
                   "|---|---|---|---|"]

@@ -52,3 +52,24 @@ def test_a_machine_that_drifts_between_rounds_moves_both_sides_of_a_comparison()
     table = peer_table(rows)
     assert "| Failgate rate limit (sliding window) | 101.0 | +8.0 over passthrough [+10.0 +8.0 +1.0] (goal: +10) |" \
         in table
+
+
+def _served(scenario: str, rps: float, p99_ms: float) -> Row:
+    return Row(scenario, "http://x", 64, {"rps": rps, "latency_us": {"p99": p99_ms * 1000}}, {})
+
+
+def test_the_outage_goal_pairs_hung_with_healthy_by_round_and_killed_with_the_healthy_median() -> None:
+    from benchmarks.suite import outage_table
+
+    rows = [_served("healthy: auth stale + rate_limit open", 1000, 9.0),
+            _served("store hung (blackhole): auth stale + rate_limit open", 950, 10.0),
+            _served("healthy: auth stale + rate_limit open", 800, 11.0),  # a slower round: both sides slower
+            _served("store hung (blackhole): auth stale + rate_limit open", 780, 12.0),
+            _served("healthy: auth stale + rate_limit open", 1200, 8.0),
+            _served("store hung (blackhole): auth stale + rate_limit open", 1080, 9.0),
+            _served("store killed: auth stale + rate_limit open", 500, 30.0)]
+    table = outage_table(rows)
+    assert ("| auth stale + rate_limit open | 1000 | 950 (0.95x [0.95 0.97 0.90]) | 500 (0.50x) | "
+            "9.00 / 10.00 / 30.00 |") in table
+    assert not any(line.startswith("| rate_limit open") for line in table)  # not measured: left out
+    assert outage_table([_served("failgate passthrough", 1, 1)]) == []
