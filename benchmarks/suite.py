@@ -335,26 +335,35 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = 
                 bench.measure("failgate rate_limit sliding", base + "/rl/sliding", concurrency=c,
                               servers=("failgate", "redis"))
 
-        peers_again: list[tuple[str, str, tuple[str, ...], list[tuple[str, str]] | None]] = []
+        # (scenario, url, servers, headers, a header rotated through)
+        peers_again: list[tuple[str, str, tuple[str, ...], list[tuple[str, str]] | None,
+                                list[tuple[str, str]] | None]] = []
         if want("reference"):
-            peers_again.append(("reference proxy (aiohttp)", f"http://127.0.0.1:{ref.port}/", ("reference",), None))
+            peers_again.append(("reference proxy (aiohttp)", f"http://127.0.0.1:{ref.port}/", ("reference",), None,
+                                None))
         if want("nginx") and nginx is not None:
             ng_base = f"http://127.0.0.1:{bench.procs['nginx'].port}"
-            peers_again += [("nginx proxy_pass", ng_base + "/pass", ("nginx",), None),
-                            ("nginx + Lua + Redis limiter", ng_base + "/rl", ("nginx", "redis"), None)]
+            peers_again += [("nginx proxy_pass", ng_base + "/pass", ("nginx",), None, None),
+                            ("nginx + Lua + Redis limiter", ng_base + "/rl", ("nginx", "redis"), None, None)]
         if want("passthrough"):
-            peers_again.append(("failgate passthrough", base + "/pass", ("failgate",), None))
+            peers_again.append(("failgate passthrough", base + "/pass", ("failgate",), None, None))
         if want("rate_limit"):
-            peers_again.append(("failgate rate_limit sliding", base + "/rl/sliding", ("failgate", "redis"), None))
+            peers_again.append(("failgate rate_limit sliding", base + "/rl/sliding", ("failgate", "redis"), None,
+                                None))
         if want("auth"):
-            peers_again += [("failgate auth", base + "/auth", ("failgate", "redis"), bearer),
-                            ("failgate auth + rate_limit", base + "/auth-rl", ("failgate", "redis"), bearer)]
+            peers_again += [("failgate auth", base + "/auth", ("failgate", "redis"), bearer, None),
+                            ("failgate auth + rate_limit", base + "/auth-rl", ("failgate", "redis"), bearer, None),
+                            # auth from memory: its goal compares these three with each other
+                            ("failgate auth from cache_for", base + "/auth-cached", ("failgate",), bearer, None),
+                            ("failgate http authorizer, cache_for", base + "/authz-cached", ("failgate",), bearer,
+                             None),
+                            ("failgate jwt, 1,000 tokens", base + "/jwt", ("failgate",), None, tokens)]
         for n in range(2, rounds + 1):
             # every other round backwards: a row is not always measured right after the same one (on shared
             # cores what ran just before — Redis busy or not — moves the next row's figure)
             print(f"the peer table's rows, round {n} of {rounds}{' (in reverse order)' if n % 2 == 0 else ''}:")
-            for scenario, url, servers, headers in (peers_again[::-1] if n % 2 == 0 else peers_again):
-                bench.measure(scenario, url, servers=servers, headers=headers, note=f"round {n}")
+            for scenario, url, servers, headers, rotate in (peers_again[::-1] if n % 2 == 0 else peers_again):
+                bench.measure(scenario, url, servers=servers, headers=headers, rotate=rotate, note=f"round {n}")
 
         def switch(mode: str) -> Callable[[], None]:
             def apply() -> None:
@@ -536,7 +545,10 @@ _PEERS = (("nginx proxy_pass", "nginx proxy_pass", "nginx"),
           ("Failgate passthrough", "failgate passthrough", "failgate"),
           ("Failgate rate limit (sliding window)", "failgate rate_limit sliding", "failgate"),
           ("Failgate auth", "failgate auth", "failgate"),
-          ("Failgate auth + rate limit", "failgate auth + rate_limit", "failgate"))
+          ("Failgate auth + rate limit", "failgate auth + rate_limit", "failgate"),
+          ("Failgate API key from cache_for", "failgate auth from cache_for", "failgate"),
+          ("Failgate authorizer from cache_for", "failgate http authorizer, cache_for", "failgate"),
+          ("Failgate jwt, 1,000 tokens", "failgate jwt, 1,000 tokens", "failgate"))
 
 
 def peer_table(rows: list[Row]) -> list[str]:
@@ -580,6 +592,9 @@ def peer_table(rows: list[Row]) -> list[str]:
             return f"{over[0]:+.1f} over passthrough{over[1]} (goal: +15)"
         if label == "Failgate auth" and over:
             return f"{over[0]:+.1f} over passthrough{over[1]}"
+        if label in ("Failgate authorizer from cache_for", "Failgate jwt, 1,000 tokens") and \
+                (vs := paired(label, "Failgate API key from cache_for", ratio=True)):
+            return f"{vs[0]:.2f}x the API key from cache_for{vs[1]} (goal: at most 1.10x)"
         return ""
 
     lines = ["| | CPU µs/req | |", "|---|---|---|"]

@@ -73,3 +73,19 @@ def test_the_outage_goal_pairs_hung_with_healthy_by_round_and_killed_with_the_he
             "9.00 / 10.00 / 30.00 |") in table
     assert not any(line.startswith("| rate_limit open") for line in table)  # not measured: left out
     assert outage_table([_served("failgate passthrough", 1, 1)]) == []
+
+
+def test_auth_from_memory_is_compared_with_the_api_key_from_cache_for_round_by_round() -> None:
+    rows = [_row("failgate passthrough", {"failgate": 80.0}),
+            _row("failgate auth from cache_for", {"failgate": 100.0}),
+            _row("failgate http authorizer, cache_for", {"failgate": 104.0}),
+            _row("failgate jwt, 1,000 tokens", {"failgate": 115.0}),
+            _row("failgate passthrough", {"failgate": 90.0}),
+            _row("failgate auth from cache_for", {"failgate": 120.0}),  # a slower round: both sides slower
+            _row("failgate http authorizer, cache_for", {"failgate": 126.0}),
+            _row("failgate jwt, 1,000 tokens", {"failgate": 126.0})]
+    table = peer_table(rows)
+    assert ("| Failgate authorizer from cache_for | 115.0 | 1.04x the API key from cache_for [1.04x 1.05x] "
+            "(goal: at most 1.10x) |") in table
+    assert ("| Failgate jwt, 1,000 tokens | 120.5 | 1.10x the API key from cache_for [1.15x 1.05x] "
+            "(goal: at most 1.10x) |") in table
