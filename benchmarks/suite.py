@@ -374,29 +374,47 @@ def run_suite(quick: bool, out: str, only: list[str] | None = None, pin: bool = 
 
         if want("outage"):
             print(f"store failing (store.timeout {STORE_TIMEOUT_MS}ms):")
-            # healthy and hung, measured in turn each round like the peer table's rows: the goal is their ratio
+            redis_up = True
+
+            def store(condition: str) -> None:
+                """Healthy, hung (the fault proxy swallows everything) or killed (redis-server SIGKILLed, saved
+                first so that its restart brings back the API key, the counters and the epoch marker)."""
+                nonlocal redis_up
+                if not redis_up:
+                    bench.spawn("redis", redis_args, redis_port)
+                    redis_up = True
+                if condition == "killed":
+                    switch("pass")()
+                    _redis_save(redis_port)
+                    redis = bench.procs["redis"]
+                    redis.popen.kill()
+                    redis.popen.wait()
+                    redis_up = False
+                    return
+                switch("pass" if condition == "healthy" else "blackhole")()
+
+            # the outage goal's rows: each route healthy, hung and killed, measured in turn each round like the
+            # peer table's rows, so that each outage is compared with its own round's healthy figure
             for n in range(1, rounds + 1):
-                for scenario, path, servers, keyed, mode in (_OUTAGE[::-1] if n % 2 == 0 else _OUTAGE):
-                    switch(mode)()
-                    if mode == "pass":  # the breaker closed again: a real check decides
-                        _until_checked(base + path, headers=bearer if keyed else None)
-                    bench.measure(scenario, base + path, servers=servers, headers=bearer if keyed else None,
-                                  note=f"round {n}")
+                conditions = list(_OUTAGE)
+                for condition in (conditions[::-1] if n % 2 == 0 else conditions):
+                    store(condition)
+                    for scenario, path, servers, keyed in _OUTAGE_ROUTES:
+                        if condition == "healthy":  # the breaker closed again: a real check decides
+                            _until_checked(base + path, headers=bearer if keyed else None)
+                        bench.measure(scenario.format(_OUTAGE[condition]), base + path,
+                                      servers=servers if condition == "healthy" else ("failgate",),
+                                      headers=bearer if keyed else None, note=f"round {n}")
+            store("healthy")
             for label, mode in (("hung (blackhole)", "blackhole"), ("slow (+80ms)", "delay 0.08"),
                                 ("refusing (reset)", "reset")):
                 for route in ("open", "closed") if mode != "blackhole" else ("closed",):
                     bench.measure(f"store {label}: {route} route", base + f"/{route}", servers=("failgate",),
                                   during=switch(mode))
                 switch("pass")()
-            # killed: the real process, SIGKILLed, then restarted for whatever follows
-            redis = bench.procs["redis"]
-            redis.popen.kill()
-            redis.popen.wait()
-            for route in ("open", "closed"):
-                bench.measure(f"store killed: {route} route", base + f"/{route}", servers=("failgate",))
-            bench.measure("store killed: auth stale + rate_limit open", base + "/gate-stale", servers=("failgate",),
-                          headers=bearer)
-            bench.spawn("redis", redis_args, redis_port)
+            store("killed")
+            bench.measure("store killed: closed route", base + "/closed", servers=("failgate",))
+            store("healthy")
 
         if want("wrk"):
             cross_check(bench)
@@ -466,12 +484,20 @@ def cross_check(bench: Bench) -> None:
             print(f"  {row.scenario:<34} generator {row.result['rps']:>9.0f} req/s   wrk {rps:>9.0f} req/s")
 
 
-# The outage goal's rows, measured in turn each round: (scenario, path, servers measured, with the API key, what the
-# fault proxy in front of Redis does)
-_OUTAGE = (("healthy: auth stale + rate_limit open", "/gate-stale", ("failgate", "redis"), True, "pass"),
-           ("store hung (blackhole): auth stale + rate_limit open", "/gate-stale", ("failgate",), True, "blackhole"),
-           ("healthy: open route", "/open", ("failgate", "redis"), False, "pass"),
-           ("store hung (blackhole): open route", "/open", ("failgate",), False, "blackhole"))
+# The outage goal's rows, measured in turn each round: each condition of the store (and how a scenario's name says
+# it), then each route (scenario, path, servers measured when healthy, with the API key)
+_OUTAGE = {"healthy": "healthy", "hung": "store hung (blackhole)", "killed": "store killed"}
+_OUTAGE_ROUTES = (("{}: auth stale + rate_limit open", "/gate-stale", ("failgate", "redis"), True),
+                  ("{}: open route", "/open", ("failgate", "redis"), False))
+
+
+def _redis_save(port: int) -> None:
+    """SAVE: write the data set to the work directory, where a restarted redis-server finds it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"SAVE\r\n")
+        reply = s.recv(64)
+    if not reply.startswith(b"+OK"):
+        raise RuntimeError(f"redis SAVE failed: {reply!r}")
 
 
 def _until_checked(url: str, headers: list[tuple[str, str]] | None, timeout: float = 30.0) -> None:
@@ -503,9 +529,9 @@ def _share(own: list[Row], healthy: list[Row]) -> str:
 
 
 def outage_table(rows: list[Row]) -> list[str]:
-    """The outage goal from the rows: a route's throughput with the store hung (and killed) as a share of its
-    healthy throughput, and the p99s. Hung is paired with healthy by round (the median of the rounds' ratios);
-    killed, measured once, against the median of the healthy rounds."""
+    """The outage goal from the rows: a route's throughput with the store hung and killed as a share of its
+    healthy throughput, and the p99s. Each outage row is paired with the healthy row of its round (the median of
+    the rounds' ratios); a row measured a different number of times, against the healthy median."""
     def measured(scenario: str) -> list[Row]:
         return [r for r in rows if r.scenario == scenario and r.concurrency == 64]
 
@@ -527,8 +553,8 @@ def outage_table(rows: list[Row]) -> list[str]:
     if len(lines) == 2:
         return []
     return [*lines, "", f"Goal: throughput at least 0.90x healthy, p99 at most healthy p99 + store.timeout "
-            f"({STORE_TIMEOUT_MS} ms). Hung rows are paired with the healthy row of their round (the median of the "
-            "rounds' ratios, in brackets); killed, measured once, against the healthy median."]
+            f"({STORE_TIMEOUT_MS} ms). Each outage row is paired with the healthy row of its round (the median of "
+            "the rounds' ratios, in brackets); the p99s are medians of the rounds."]
 
 
 def _ratios(rows: list[Row]) -> None:
