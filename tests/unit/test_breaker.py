@@ -56,13 +56,19 @@ def test_a_failed_probe_opens_it_again_for_another_period() -> None:
     assert b.allow()
 
 
+def _next_second() -> int:
+    """Wait for the beginning of the next second (the log's budgets count per second) and return it."""
+    second = int(time.time()) + 1
+    while int(time.time()) < second:
+        time.sleep(0.005)
+    return second
+
+
 def test_decision_log_summarizes_bursts_per_route_per_second() -> None:
     out = io.StringIO()
     writer = LogWriter(out)
     log = DecisionLog(writer, "abc", per_route_per_second=5)
-    sec = int(time.time())
-    while int(time.time()) != sec + 1:  # start at the beginning of a second
-        time.sleep(0.005)
+    _next_second()
     for i in range(20):
         log.record(request_id=f"r{i}", route="a", check="auth", decision="deny", basis="checked", reason=None,
                    status=401, client="10.0.0.1", principal=None)
@@ -108,10 +114,7 @@ def test_a_route_budget_starts_again_each_second_and_the_seconds_over_are_summar
     out = io.StringIO()
     writer = LogWriter(out)
     log = DecisionLog(writer, "abc", per_route_per_second=2)
-    sec = int(time.time())
-    while int(time.time()) != sec + 1:  # start at the beginning of a second
-        time.sleep(0.005)
-    first = sec + 1
+    first = _next_second()
 
     def degraded(n: int) -> None:
         for _ in range(n):
