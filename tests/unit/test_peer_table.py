@@ -75,6 +75,16 @@ def test_the_outage_goal_pairs_hung_with_healthy_by_round_and_killed_with_the_he
     assert outage_table([_served("failgate passthrough", 1, 1)]) == []
 
 
+def test_killed_measured_every_round_is_paired_with_its_round_too() -> None:
+    from benchmarks.suite import outage_table
+
+    rows = []
+    for healthy, killed in ((1000, 990), (700, 700), (1100, 1045)):  # the second round slow on both sides
+        rows += [_served("healthy: open route", healthy, 8.0), _served("store killed: open route", killed, 9.0)]
+    (line,) = [x for x in outage_table(rows) if x.startswith("| rate_limit open")]
+    assert line == "| rate_limit open | 1000 |  | 990 (0.99x [0.99 1.00 0.95]) | 8.00 /  / 9.00 |"
+
+
 def test_auth_from_memory_is_compared_with_the_api_key_from_cache_for_round_by_round() -> None:
     rows = [_row("failgate passthrough", {"failgate": 80.0}),
             _row("failgate auth from cache_for", {"failgate": 100.0}),
