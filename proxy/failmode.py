@@ -1,10 +1,10 @@
 """What a check decides when its dependency cannot answer — the table, as data. Pure: no I/O, no clock.
 
 `TABLE` maps (check kind, `on_store_error`) to a `Rule` (`auth` is the api_key kind; `jwt` fails when its key
-set cannot be refreshed), and `degraded()` applies it: nothing else in Failgate
-decides what a failure means. `allow` and `deny` are the same for every kind; `remembered` hands over to the
-check kind's own stale memory (the local limiter, the remembered API-key records). The README prints this table;
-tests/unit/test_failmode.py keeps the two the same and runs every row.
+set cannot be refreshed), and `FailMode` — one per check, made when the config is compiled — applies it: nothing
+else in Failgate decides what a failure means. `allow` and `deny` are the same for every kind; `remembered` hands
+over to the check kind's own stale memory (the local limiter, the remembered API-key records). The README prints
+this table; tests/unit/test_failmode.py keeps the two the same and runs every row.
 """
 
 from __future__ import annotations
@@ -49,18 +49,6 @@ TABLE: dict[tuple[str, str], Rule] = {
 }
 
 
-def degraded(kind: str, mode: str, failure: StoreUnavailable, *, status: int, retry_after: float,
-             remembered: Callable[[Reason], Verdict], check: str | None = None) -> Verdict:
-    """The verdict of a `kind` check (named `check`: `rate_limit.burst`) whose dependency failed with `failure`,
-    by its `on_store_error` `mode`."""
-    rule = TABLE[(kind, mode)]
-    if rule.outcome == "allow":
-        return unchecked_allow(check or kind, failure.reason, basis="open")
-    if rule.outcome == "deny":
-        return unchecked_deny(check or kind, failure.reason, status=status, retry_after=retry_after)
-    return remembered(failure.reason)
-
-
 class FailMode:
     """One check's row of the table, looked up once when the config is compiled. The verdicts that need no memory
     — allow, deny, and `stale_fallback`'s — are made once per reason and handed to every request they decide (a
@@ -68,26 +56,29 @@ class FailMode:
 
     def __init__(self, kind: str, mode: str, check: str, *, status: int, retry_after: float,
                  stale_fallback: str | None = None) -> None:
-        self.kind = kind
-        self.mode = mode
         self.check = check
         self.status = status
         self.retry_after = retry_after
         self.stale_fallback = stale_fallback
-        self.remembers = TABLE[(kind, mode)].outcome == "remembered"  # the check's own memory decides
+        self.outcome = TABLE[(kind, mode)].outcome
+        self.remembers = self.outcome == "remembered"  # the check's own memory decides
         self._made: dict[str, Verdict] = {}  # reason -> the table's verdict
         self._fallbacks: dict[str, Verdict] = {}  # reason -> stale_fallback's verdict
 
     def decide(self, failure: StoreUnavailable, remembered: Callable[[Reason], Verdict] | None = None) -> Verdict:
-        """The verdict for `failure`; `remembered` is needed when the check's mode hands over to its memory."""
+        """The verdict of this check (named `check`: `rate_limit.burst`) whose dependency failed with `failure`;
+        `remembered` is needed when the row hands over to the check's memory."""
+        reason = failure.reason
         if self.remembers:
             assert remembered is not None
-            return remembered(failure.reason)
-        made = self._made.get(failure.reason)
+            return remembered(reason)
+        made = self._made.get(reason)
         if made is None:
-            made = self._made[failure.reason] = degraded(self.kind, self.mode, failure, status=self.status,
-                                                         retry_after=self.retry_after, remembered=_unused,
-                                                         check=self.check)
+            if self.outcome == "allow":
+                made = unchecked_allow(self.check, reason, basis="open")
+            else:
+                made = unchecked_deny(self.check, reason, status=self.status, retry_after=self.retry_after)
+            self._made[reason] = made
         return made
 
     def fallback(self, reason: Reason) -> Verdict:
@@ -101,10 +92,6 @@ class FailMode:
                                       basis="stale", fallback="closed")
             self._fallbacks[reason] = made
         return made
-
-
-def _unused(reason: Reason) -> Verdict:
-    raise AssertionError("an allow or deny row has no memory to consult")
 
 
 def unchecked_allow(check: str, reason: Reason, *, basis: Basis, fallback: str | None = None) -> Verdict:
