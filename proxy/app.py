@@ -12,7 +12,7 @@ import math
 import os
 import re
 from time import perf_counter, time
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11
@@ -31,14 +31,18 @@ from .websocket import Tunnels, is_websocket, take_query_param, tunnel
 
 # the identity headers sent upstream and the rate-limit fields sent back, as multidict's case-insensitive strings
 # (set without lower-casing them)
-_PRINCIPAL, _SCOPES, _PLAN = istr("X-Failgate-Principal"), istr("X-Failgate-Scopes"), istr("X-Failgate-Plan")
-_RATELIMIT_POLICY, _RATELIMIT = istr("RateLimit-Policy"), istr("RateLimit")
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
-_NO_ROUTE = RouteMetrics("")
-_SERVED_VERSIONS = (HttpVersion10, HttpVersion11)
+# (Final: a compiled build keeps each in a C variable instead of looking it up by name on every request)
+_PRINCIPAL: Final = istr("X-Failgate-Principal")
+_SCOPES: Final = istr("X-Failgate-Scopes")
+_PLAN: Final = istr("X-Failgate-Plan")
+_RATELIMIT_POLICY: Final = istr("RateLimit-Policy")
+_RATELIMIT: Final = istr("RateLimit")
+_REQUEST_ID_OK: Final = re.compile(r"^[A-Za-z0-9._:+=/@-]{1,128}$")
+_NO_ROUTE: Final = RouteMetrics("")
+_SERVED_VERSIONS: Final = (HttpVersion10, HttpVersion11)
 # Request ids: a random per-process prefix and a counter — unique, and no system call per request.
-_RID_PREFIX = os.urandom(6).hex()
-_rid_counter = itertools.count(1)
+_RID_PREFIX: Final = os.urandom(6).hex()
+_rid_counter: Final = itertools.count(1)
 
 
 def _next_request_id() -> str:

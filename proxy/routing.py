@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 _HEX = "0123456789ABCDEFabcdef"
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -98,7 +98,7 @@ def _escape_error(h: str) -> str:
     return "an encoded control character is not allowed in the path"
 
 
-_RAW_RUN = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
+_RAW_RUN: Final = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 
 
 def _check_raw_run(text: str) -> None:
@@ -107,10 +107,10 @@ def _check_raw_run(text: str) -> None:
             _check_raw(c)
 
 
-_CLEAN = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
+_CLEAN: Final = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 
 
-_ESCAPES = _escape_table()
+_ESCAPES: Final = _escape_table()
 
 
 def _all_raw_ok(path: str) -> bool:
@@ -160,8 +160,8 @@ class Authority:
     value: str
 
 
-_HOST = re.compile(r"(?:([a-z0-9_-]+(?:\.[a-z0-9_-]+)*)\.?|\[([0-9a-f:.]+)\])(?::([0-9]{1,5}))?")
-_AUTHORITIES: dict[tuple[str, int], Authority] = {}  # clients repeat their Host: parsed once
+_HOST: Final = re.compile(r"(?:([a-z0-9_-]+(?:\.[a-z0-9_-]+)*)\.?|\[([0-9a-f:.]+)\])(?::([0-9]{1,5}))?")
+_AUTHORITIES: Final[dict[tuple[str, int], Authority]] = {}  # clients repeat their Host: parsed once
 
 
 def authority_of(raw: str, default_port: int) -> Authority:

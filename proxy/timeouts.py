@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from typing import Final
 
-SLOT = 0.01  # seconds
+SLOT: Final = 0.01  # seconds
 
 
 class Budget:

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from time import perf_counter
-from typing import Any
+from typing import Any, Final
 
 from ..observe.metrics import StoreMetrics
 from .errors import StoreUnavailable
@@ -26,7 +26,9 @@ from .ops import Op
 
 log = logging.getLogger("failgate.breaker")
 
-CLOSED, HALF_OPEN, OPEN = 0, 1, 2
+CLOSED: Final = 0
+HALF_OPEN: Final = 1
+OPEN: Final = 2
 NAMES = {CLOSED: "closed", HALF_OPEN: "half-open", OPEN: "open"}
 
 

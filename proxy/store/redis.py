@@ -205,7 +205,7 @@ class RedisStore:
             await self.locator.close()
 
 
-_SIZE = {"fixed_window": 2, "sliding_window": 3, "gcra": 1}
+_SIZE: Final = {"fixed_window": 2, "sliding_window": 3, "gcra": 1}
 ReplyError: Final = hiredis.ReplyError  # (looked up once: it is tested on every reply)
 
 
