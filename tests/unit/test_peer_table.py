@@ -3,6 +3,8 @@ ratios computed from the same run's rows."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from benchmarks.suite import Row, peer_table
 
 
@@ -99,3 +101,19 @@ def test_auth_from_memory_is_compared_with_the_api_key_from_cache_for_round_by_r
             "(goal: at most 1.10x) |") in table
     assert ("| Failgate jwt, 1,000 tokens | 120.5 | 1.10x the API key from cache_for [1.15x 1.05x] "
             "(goal: at most 1.10x) |") in table
+
+
+def test_the_peer_rows_failgate_talks_to_redis_directly_and_the_outage_rows_one_through_the_fault_proxy(
+        tmp_path: Path) -> None:
+    """The nginx + Lua limiter talks to redis-server directly, so the Failgate of the peer table must too; only the
+    rows where the store fails need the fault proxy in the path."""
+    from benchmarks.suite import _OUTAGE_ROUTES, RELAYED, _failgates, _jwt_tokens
+    from proxy.config import load_text
+
+    _jwt_tokens(tmp_path / "jwks.json", 1)  # (the jwt route's key set, which the config names)
+    made = _failgates(tmp_path, upstream=9001, redis_port=9002, fault_port=9003)
+    assert sorted(made) == ["failgate", RELAYED]
+    stores = {name: load_text(cfg.read_text(), str(cfg)).config.store.url for name, (cfg, _) in made.items()}
+    assert stores == {"failgate": "redis://127.0.0.1:9002/0", RELAYED: "redis://127.0.0.1:9003/0"}
+    assert made["failgate"][1] != made[RELAYED][1]
+    assert all(servers[0] == RELAYED for *_, servers, _ in _OUTAGE_ROUTES)
