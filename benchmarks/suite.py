@@ -666,7 +666,9 @@ def _write(bench: Bench, out: Path, timeline: dict[str, Any] | None) -> list[Pat
              f"Machine: {machine}. Failgate build: {build()}. Everything (generator, servers, Redis) shares these "
              "cores; compare CPU µs per "
              "request and ratios from one run. Duration per row: "
-             f"{bench.duration:.0f}s after 1s warm-up. store.timeout {STORE_TIMEOUT_MS}ms.", "",
+             f"{bench.duration:.0f}s after 1s warm-up. store.timeout {STORE_TIMEOUT_MS}ms. Two Failgates with the "
+             f"same routes: `failgate` talks to redis-server directly (every healthy row), `{RELAYED}` through the "
+             "fault proxy (the rows where the store fails, and their healthy rows).", "",
              "| scenario | c | req/s | ratio to direct | p50 ms | p99 ms | CPU µs/req | statuses | degraded |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in bench.rows:
