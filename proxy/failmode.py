@@ -45,7 +45,8 @@ TABLE: dict[tuple[str, str], Rule] = {
     ("http", "closed"): Rule("deny", "deny with `status_on_error` and `Retry-After: <its breaker.open_for>`"),
     ("http", "stale"): Rule("remembered", "the verdict the authorizer gave for the same request (route, method, "
                             "host, path, forwarded headers or `cache_key`) if younger than `stale_for`, its "
-                            "headers with it; none: `stale_fallback`"),
+                            "headers with it; none: `stale_fallback` (`closed`: `Retry-After: <its "
+                            "breaker.open_for>`)"),
 }
 
 

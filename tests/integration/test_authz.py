@@ -118,6 +118,18 @@ async def test_the_authorizer_failing(upstream: Upstream, authz: AuthzServer, mo
     assert (REGISTRY.get_sample_value("failgate_breaker_state", {"dependency": "store"}) or 0) == 0
 
 
+@pytest.mark.parametrize("mode", ["stale", "closed"])
+async def test_a_refusal_for_want_of_the_authorizer_says_retry_after_its_own_breaker(
+        upstream: Upstream, authz: AuthzServer, mode: str) -> None:
+    """`closed`, and `stale` with nothing remembered (its `closed` fallback): Retry-After is the authorizer's
+    breaker.open_for (30 s here), not the store's (2 s by default) — the authorizer is what is being waited for."""
+    async with InProcessProxy(config_text(upstream.url, route(authz, mode))) as p:
+        await authz.stop()
+        r = await get(p, "/app/x", "Bearer never-seen")
+        assert r.status == 503 and r.headers["retry-after"] == "30"
+        assert ("fallback=closed" in r.headers["failgate-degraded"]) == (mode == "stale")
+
+
 async def test_its_breaker_opens_and_recovers_while_the_store_stays_healthy(upstream: Upstream,
                                                                           authz: AuthzServer) -> None:
     text = config_text(upstream.url, route(authz, "closed").replace("open_for: 30s", "open_for: 1s"))
